@@ -1,0 +1,292 @@
+"""The composition root: ``twistd imageproxy`` options and the service tree.
+
+This is the only module that touches the global reactor; everything else gets it injected.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import ILogObserver, Logger
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.server import Site
+
+from imgproxy import __version__
+from imgproxy.config import OPTIONS, Config, ConfigError, build_config, cli_values, read_keys
+from imgproxy.logs import AccessLog, make_observer, parse_level
+from imgproxy.metrics import Metrics, metrics_site
+from imgproxy.netpolicy import AddressPolicy, HostPolicy, PolicyEndpointFactory, make_tls_policy
+from imgproxy.ratelimit import HostLimiter, HostOverride, Limits
+from imgproxy.sniff import DEFAULT_FORMATS, FORMATS, SniffPolicy
+from imgproxy.upstream import FetchPolicy, Fetcher
+from imgproxy.urls import Signer
+from imgproxy.web import VIA_TOKEN, ProxyResource, ResponsePolicy
+
+log = Logger()
+
+
+def _make_handler(name: str, takes_value: bool, doc: str) -> Callable[..., None]:
+    if takes_value:
+        def handler(self: Options, value: str) -> None:
+            self.given.append((name, value))
+    else:
+        def handler(self: Options) -> None:  # type: ignore[misc]
+            self.given.append((name, None))
+    handler.__doc__ = doc
+    return handler
+
+
+class Options(usage.Options):
+    """``twistd imageproxy`` options; every one can also be set in the INI file."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve signed image URLs: verify the HMAC, fetch the image with our own User-Agent "
+        "(SSRF-safe, rate-limited per origin host), check the bytes are an image, and stream it. "
+        "Every option can be set in the [imageproxy] section of --config (same name, no --); "
+        "command-line options win."
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.given: list[tuple[str, str | None]] = []
+        self.config: Config | None = None
+
+    def postOptions(self) -> None:
+        # A bad value stops startup with one line naming the option (not twistd's usage dump).
+        try:
+            self.config = build_config(cli_values(self.given), os.environ)
+        except ConfigError as e:
+            raise SystemExit(f"imageproxy: {e}") from None
+
+
+for _option in OPTIONS:
+    _default = _option.default
+    if _option.repeat or _option.parse is None or _default is None:
+        _doc = _option.help
+    else:
+        _doc = f"{_option.help} [default: {_default}]"
+    setattr(
+        Options,
+        "opt_" + _option.attr,
+        _make_handler(_option.name, _option.parse is not None, _doc),
+    )
+del _option, _default, _doc
+
+
+def makeService(options: Options) -> IService:
+    """Build the service tree from parsed options (twistd calls this)."""
+    from twisted.internet import reactor
+
+    assert options.config is not None
+    try:
+        return build_service(options.config, reactor, os.environ)
+    except (ConfigError, ValueError) as e:
+        raise SystemExit(f"imageproxy: {e}") from None
+
+
+def accept_header(formats: frozenset[str], allow_svg: bool) -> bytes:
+    """The Accept header sent upstream: the allowed image types, then any image."""
+    types = sorted({FORMATS[name] for name in formats} | ({FORMATS["svg"]} if allow_svg else set()))
+    return ",".join([*types, "image/*;q=0.8"]).encode("ascii")
+
+
+class ProxyService(MultiService):
+    """The root service: listeners, proxy, metrics and manhole, with a graceful stop."""
+
+    def __init__(
+        self, config: Config, reactor: Any, resource: ProxyResource, pool: HTTPConnectionPool,
+        log_observer: ILogObserver | None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.resource = resource
+        self._reactor = reactor
+        self._pool = pool
+        self._observer = log_observer
+        self.listeners: list[IService] = []
+        self._previous_hup: Any = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd gives us its Application: our observer becomes its log observer.
+        if self._observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self._observer)
+        super().setServiceParent(parent)
+
+    def startService(self) -> None:
+        super().startService()
+        if hasattr(signal, "SIGHUP"):
+            self._previous_hup = signal.signal(
+                signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload_keys)
+            )
+        log.info("imageproxy {version} serving on {listen}", version=__version__,
+                 listen=", ".join(self.config.listen))
+
+    def reload_keys(self) -> None:
+        """Re-read the key file (SIGHUP): rotation without a restart."""
+        if not self.config.key_file:
+            log.warn("SIGHUP: keys did not come from a file; nothing to reload")
+            return
+        try:
+            keys = read_keys(self.config.key_file)
+        except ConfigError as e:
+            log.error("SIGHUP: keeping the old keys: {error}", error=str(e))
+            return
+        self.resource.signer = Signer(keys)
+        log.info("SIGHUP: reloaded {count} key(s)", count=len(keys))
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        if self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+        # Stop listening first, then let in-flight relays finish within the drain bound.
+        yield DeferredList([s.stopService() for s in self.listeners if s.running])
+        drained = self.resource.drain()
+        timer = self._reactor.callLater(self.config.drain_timeout, drained.cancel)
+        try:
+            yield drained
+        except Exception:
+            log.warn("drain timeout: cutting {count} request(s)",
+                     count=len(self.resource.inflight))
+            self.resource.abort_all()
+        if timer.active():
+            timer.cancel()
+        yield self._pool.closeCachedConnections()
+        yield super().stopService()
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """The pool's connection factory, without a log line per upstream connection."""
+
+    noisy = False
+
+
+@attrs.frozen
+class Pipeline:
+    """The wired request path and the live objects operators inspect."""
+
+    resource: ProxyResource
+    limiter: HostLimiter
+    pool: HTTPConnectionPool
+    metrics: Metrics
+
+
+def build_pipeline(config: Config, reactor: Any) -> Pipeline:
+    """Wire every module of the request path, one direction: web -> urls -> policy -> limiter
+    -> upstream -> sniffer -> relay."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory
+    pool.maxPersistentPerHost = config.max_inflight_per_host
+    pool.cachedConnectionTimeout = 30
+    endpoints = PolicyEndpointFactory(
+        reactor,
+        AddressPolicy(allow_networks=config.allow_network, deny_networks=config.deny_network),
+        make_tls_policy(config.ca_file),
+        connect_timeout=config.timeout,
+    )
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool)
+    limiter = HostLimiter(
+        reactor,
+        Limits(config.rate, config.burst),
+        queue_timeout=config.queue_timeout,
+        max_queue=config.max_queue,
+        max_inflight_per_host=config.max_inflight_per_host,
+        max_inflight=config.max_inflight,
+        overrides=[HostOverride(h.pattern, Limits(h.rate, h.burst)) for h in config.host_limits],
+        max_hosts=config.max_hosts,
+    )
+    formats = config.formats if config.formats is not None else DEFAULT_FORMATS
+    fetcher = Fetcher(
+        reactor,
+        agent,
+        HostPolicy(allow_hosts=config.allow_host, deny_hosts=config.deny_host),
+        limiter,
+        FetchPolicy(
+            user_agent=config.user_agent.encode("utf-8"),
+            accept=accept_header(formats, config.allow_svg),
+            via=b"1.1 " + VIA_TOKEN,
+            max_redirects=config.max_redirects,
+            timeout=config.timeout,
+            max_size=config.max_size,
+        ),
+    )
+    metrics = Metrics(__version__)
+    metrics.watch("ratelimit_admitted", "Requests admitted by the per-host limiter",
+                  lambda: limiter.admitted, "counter")
+    metrics.watch("ratelimit_delayed", "Requests that waited for a token",
+                  lambda: limiter.delayed, "counter")
+    metrics.watch("ratelimit_refused", "Requests refused by the limiter (503)",
+                  lambda: limiter.refused, "counter")
+    metrics.watch("ratelimit_tracked_hosts", "Origin hosts tracked by the limiter",
+                  lambda: limiter.tracked_hosts)
+    metrics.watch("upstream_pool_connections", "Idle keep-alive connections to origins",
+                  lambda: sum(len(c) for c in pool._connections.values()))
+    resource = ProxyResource(
+        reactor,
+        Signer(config.keys),
+        fetcher,
+        SniffPolicy(formats=formats, allow_svg=config.allow_svg, max_pixels=config.max_pixels),
+        response_policy=ResponsePolicy(config.default_cache_control.encode("latin-1")),
+        max_size=config.max_size,
+        idle_timeout=config.idle_timeout,
+        metrics=metrics,
+        access_log=None if config.no_access_log else AccessLog(log_client_ip=config.log_client_ip),
+    )
+    return Pipeline(resource, limiter, pool, metrics)
+
+
+def build_service(config: Config, reactor: Any, environ: Mapping[str, str]) -> ProxyService:
+    """The service tree of one process: listeners, metrics, manhole, systemd notification."""
+    observer = make_observer(parse_level(config.log_level), config.log_format, sys.stdout)
+    pipeline = build_pipeline(config, reactor)
+    resource, metrics = pipeline.resource, pipeline.metrics
+    site = Site(resource)
+    site.noisy = False
+    site.log = lambda request: None  # our own access log replaces the Site's
+    root = ProxyService(config, reactor, resource, pipeline.pool, observer)
+    for description in config.listen:
+        try:
+            endpoint = serverFromString(reactor, description)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--listen: {description!r}: {e}") from None
+        listener = StreamServerEndpointService(endpoint, site)
+        listener._raiseSynchronously = True
+        listener.setServiceParent(root)
+        root.listeners.append(listener)
+    if config.metrics:
+        try:
+            metrics_endpoint = serverFromString(reactor, config.metrics)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--metrics: {config.metrics!r}: {e}") from None
+        StreamServerEndpointService(metrics_endpoint, metrics_site(metrics)).setServiceParent(root)
+    if config.manhole:
+        from imgproxy.manhole import check_host_key, make_manhole_service
+
+        assert config.manhole_keys is not None and config.manhole_host_key is not None
+        check_host_key(config.manhole_host_key)
+        namespace: dict[str, object] = {
+            "config": config, "service": root, "resource": resource,
+            "limiter": pipeline.limiter, "metrics": metrics, "pool": pipeline.pool,
+            "inflight": resource.inflight,
+        }
+        make_manhole_service(
+            config.manhole, config.manhole_keys, config.manhole_host_key, namespace, reactor
+        ).setServiceParent(root)
+    from imgproxy.sdnotify import Notifier, NotifierService
+
+    NotifierService(Notifier(reactor, environ)).setServiceParent(root)
+    return root
+
+
+__all__ = ["Options", "build_pipeline", "build_service", "makeService"]

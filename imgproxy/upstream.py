@@ -1,0 +1,269 @@
+"""Upstream fetch: one Agent over a shared pool, our header policy, redirects and timeouts.
+
+Each hop (the first request and every redirect) is checked by the destination policy (URL text
+here, resolved addresses at connect time in the endpoint factory) and takes a rate-limit permit
+for the host it goes to. The caller gets an :class:`Upstream`: the response with its headers, the
+permit to release when the body is done, and the deadline for the first body bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import quote, urljoin, urlsplit
+
+import attrs
+from OpenSSL import SSL
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._newclient import (
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
+
+from imgproxy.errors import (
+    BadRequest,
+    NotFound,
+    ProxyError,
+    TooLarge,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from imgproxy.netpolicy import HostPolicy
+from imgproxy.ratelimit import HostLimiter, Permit, host_key
+
+log = Logger()
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_DRAIN_LIMIT = 65536  # error bodies up to this size are read (keeps the connection pooled)
+
+
+@attrs.define
+class Upstream:
+    """A response ready to relay: headers received, body not yet read."""
+
+    response: IResponse
+    url: bytes
+    host: str
+    permit: Permit
+    deadline: float  # clock time by which the first body bytes must have been judged
+
+    @property
+    def status(self) -> int:
+        return self.response.code
+
+    def header(self, name: bytes) -> bytes | None:
+        """The last value of a response header, or None."""
+        values = self.response.headers.getRawHeaders(name)
+        return values[-1] if values else None
+
+
+class _Discard(Protocol):
+    """Reads a small body to its end (so the connection returns to the pool), or aborts."""
+
+    def __init__(self, abort: bool) -> None:
+        self._abort = abort
+
+    def connectionMade(self) -> None:
+        if self._abort:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        pass
+
+
+def discard(response: IResponse, abort: bool = False) -> None:
+    """Dispose of a body we will not relay, keeping the connection when it is cheap to."""
+    small = response.length is not UNKNOWN_LENGTH and response.length <= _DRAIN_LIMIT
+    response.deliverBody(_Discard(abort=abort or not small))
+
+
+def translate_failure(failure: Failure) -> ProxyError:
+    """Map a connection or protocol failure to the client-facing error."""
+    exc = failure.value
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, ierror.TimeoutError):
+        return UpstreamTimeout("Gateway Timeout: connect")
+    if isinstance(exc, (ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed)):
+        reasons = getattr(exc, "reasons", [])
+        for reason in reasons:
+            if reason.check(SSL.Error):
+                log.warn("upstream TLS failure: {error}", error=reason.getErrorMessage())
+                return UpstreamError("Bad Gateway: TLS failure", kind="tls")
+        if any(r.check(ierror.ConnectionLost, ierror.ConnectionDone) for r in reasons):
+            return UpstreamError("Bad Gateway: connection reset", kind="reset")
+        return UpstreamError("Bad Gateway: bad HTTP response", kind="bad-http")
+    if isinstance(exc, SSL.Error):
+        return UpstreamError("Bad Gateway: TLS failure", kind="tls")
+    if isinstance(exc, (ierror.DNSLookupError,)):
+        return UpstreamError("Bad Gateway: name not resolved", kind="dns")
+    if isinstance(exc, (ierror.ConnectError, ConnectionError, OSError)):
+        return UpstreamError("Bad Gateway: origin unreachable", kind="connect")
+    log.failure("unexpected upstream failure", failure)
+    return UpstreamError("Bad Gateway", kind="upstream")
+
+
+@attrs.frozen
+class FetchPolicy:
+    """What every upstream request carries and how far it may go."""
+
+    user_agent: bytes
+    accept: bytes
+    via: bytes
+    max_redirects: int = 4
+    timeout: float = 10.0
+    max_size: int = 5242880
+
+
+class Fetcher:
+    """Fetches a target URL through the destination policy and the per-host limiter."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        agent: IAgent,
+        host_policy: HostPolicy,
+        limiter: HostLimiter,
+        policy: FetchPolicy,
+    ) -> None:
+        self._clock = clock
+        self._agent = agent
+        self._host_policy = host_policy
+        self._limiter = limiter
+        self._policy = policy
+        self._base_headers = {
+            b"user-agent": [policy.user_agent],
+            b"accept": [policy.accept],
+            b"accept-encoding": [b"identity"],
+            b"via": [policy.via],
+        }
+
+    def headers(self, conditional: dict[bytes, bytes]) -> Headers:
+        """Request headers: only our own, plus the client's validators."""
+        raw = dict(self._base_headers)
+        for name, value in conditional.items():
+            raw[name] = [value]
+        return Headers(raw)
+
+    async def fetch(
+        self, url: bytes, method: bytes, conditional: dict[bytes, bytes],
+        on_hop: Callable[[str], None] | None = None,
+    ) -> Upstream:
+        """Fetch ``url``, following redirects; return the final response, headers only.
+
+        :raises ProxyError: any refusal or failure, already mapped to its client status.
+        """
+        deadline = self._clock.seconds() + self._policy.timeout
+        headers = self.headers(conditional)
+        for hop in range(self._policy.max_redirects + 1):
+            try:
+                _, host, port = self._host_policy.check_url(url)
+            except BadRequest as e:
+                if hop == 0:
+                    raise
+                raise UpstreamError(f"Bad Gateway: bad redirect ({e.reason})", kind="bad-redirect")
+            url = request_url(url, host, port)
+            key = host_key(host, port)
+            if on_hop is not None:
+                on_hop(key)
+            permit = await self._limiter.acquire(key)
+            try:
+                response = await self._request(method, url, headers, deadline)
+            except BaseException:
+                permit.release()
+                raise
+            status = response.code
+            if status in REDIRECTS:
+                location = response.headers.getRawHeaders(b"location")
+                discard(response)
+                permit.release()
+                if not location:
+                    raise UpstreamError("Bad Gateway: redirect without Location", kind="status")
+                url = _join(url, location[-1])
+                continue
+            try:
+                self._check_response(response, key)
+            except ProxyError:
+                permit.release()
+                raise
+            return Upstream(response, url, key, permit, deadline)
+        raise UpstreamError("Bad Gateway: too many redirects", kind="redirects")
+
+    async def _request(
+        self, method: bytes, url: bytes, headers: Headers, deadline: float
+    ) -> IResponse:
+        remaining = deadline - self._clock.seconds()
+        if remaining <= 0:
+            raise UpstreamTimeout()
+        d: Deferred[IResponse] = self._agent.request(method, url, headers)
+        timed_out = []
+
+        def on_timeout() -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        timer = self._clock.callLater(remaining, on_timeout)
+        try:
+            return await d
+        except CancelledError:
+            if timed_out:
+                raise UpstreamTimeout() from None
+            raise
+        except ProxyError:
+            raise
+        except Exception:
+            raise translate_failure(Failure()) from None
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def _check_response(self, response: IResponse, key: str) -> None:
+        status = response.code
+        if status in (200, 203, 304):
+            length = response.length
+            if length is not UNKNOWN_LENGTH and length > self._policy.max_size:
+                discard(response, abort=True)
+                raise TooLarge()
+            return
+        retry_after = response.headers.getRawHeaders(b"retry-after")
+        discard(response)
+        if status in (404, 410):
+            raise NotFound()
+        if status in (429, 503):
+            pause = self._limiter.backoff(key, retry_after[-1] if retry_after else None)
+            if status == 429:
+                raise Unavailable("Service Unavailable: origin rate limit", retry_after=pause,
+                                  kind="status")
+        raise UpstreamError(f"Bad Gateway: upstream status {status}", kind="status")
+
+
+# Characters left as they are when percent-encoding a URL: RFC 3986 reserved and unreserved,
+# and "%" so that existing escapes survive. Everything else (controls, space, non-ASCII) is escaped.
+_URL_SAFE = "!#$%&'()*+,-./:;=?@[]~_"
+
+
+def request_url(url: bytes, host: bytes, port: int) -> bytes:
+    """Rebuild ``url`` for the wire: IDNA host from the policy check, escaped path, no fragment."""
+    parts = urlsplit(quote(url, safe=_URL_SAFE))
+    netloc = b"[" + host + b"]" if b":" in host else host
+    if port != {"http": 80, "https": 443}[parts.scheme.lower()]:
+        netloc += b":%d" % port
+    path = parts.path or "/"
+    query = "?" + parts.query if parts.query else ""
+    return b"%s://%s%s" % (parts.scheme.lower().encode(), netloc, (path + query).encode("ascii"))
+
+
+def _join(base: bytes, location: bytes) -> bytes:
+    escaped = quote(location.strip(), safe=_URL_SAFE)
+    return urljoin(base.decode("ascii"), escaped).encode("ascii")
