@@ -157,7 +157,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("queue-timeout", _float(0), 5.0, "longest wait for a token before 503"),
     Option("max-queue", _int(0), 100, "waiting requests per origin host before 503"),
     Option("max-inflight-per-host", _int(1), 8, "concurrent upstream requests per origin host"),
-    Option("max-inflight", _int(1), 1000, "concurrent upstream requests in all"),
+    Option("max-inflight", _int(1), 1000, "upstream requests in flight or waiting, in all"),
     Option("max-hosts", _int(1), 10000, "origin hosts tracked by the rate limiter"),
     Option("user-agent", _text, DEFAULT_USER_AGENT, "User-Agent sent upstream"),
     Option("default-cache-control", _text, "public, max-age=31536000",
@@ -173,7 +173,8 @@ OPTIONS: tuple[Option, ...] = (
            "largest body shared between concurrent requests for one URL"),
     Option("cache-status-header", _text, "X-Cache", "name of the cache status header"),
     Option("metrics", _text, None, "serve Prometheus /metrics on this endpoint"),
-    Option("manhole", _text, None, "SSH manhole endpoint (e.g. unix:/run/imageproxy/manhole:mode=600)"),
+    Option("manhole", _text, None,
+           "SSH manhole endpoint (e.g. unix:/run/imageproxy/manhole:mode=600)"),
     Option("manhole-keys", _path, None, "authorized_keys file for the manhole"),
     Option("manhole-host-key", _path, None, "SSH host private key file for the manhole"),
     Option("log-level", _choice("debug", "info", "warn", "error", "critical"), "info",
@@ -264,7 +265,9 @@ def _split_keys(data: bytes, source: str) -> tuple[bytes, ...]:
     return keys
 
 
-def load_keys(key_file: str | None, environ: Mapping[str, str]) -> tuple[str | None, tuple[bytes, ...]]:
+def load_keys(
+    key_file: str | None, environ: Mapping[str, str]
+) -> tuple[str | None, tuple[bytes, ...]]:
     """Find the keys: ``--key-file``, else ``$IMAGEPROXY_KEY``, else the systemd credential."""
     if key_file:
         return key_file, read_keys(key_file)

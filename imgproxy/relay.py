@@ -46,6 +46,7 @@ class Relay(Protocol):
         deadline: float,
         idle_timeout: float,
         tee: Callable[[bytes], None] | None = None,
+        keep_going: Callable[[], bool] | None = None,
     ) -> None:
         self._clock = clock
         self._request = request
@@ -54,6 +55,8 @@ class Relay(Protocol):
         self._max_size = max_size
         self._idle_timeout = idle_timeout
         self._tee = tee
+        self._keep_going = keep_going  # asked when the client leaves: others still need the body?
+        self._headless = False
         self._pending: list[bytes] | None = []  # chunks held until the sniffer decides
         self._received = 0
         self.sent = 0
@@ -84,8 +87,9 @@ class Relay(Protocol):
         pending = self._pending
         if pending is None:
             self._last_progress = self._clock.seconds()
-            self.sent += len(data)
-            self._request.write(data)
+            if not self._headless:
+                self.sent += len(data)
+                self._request.write(data)
             return
         pending.append(data)
         try:
@@ -117,8 +121,24 @@ class Relay(Protocol):
     # -- client side ---------------------------------------------------------------------------
 
     def client_gone(self) -> None:
-        """The client disconnected: stop the upstream body at once."""
+        """The client disconnected: stop the upstream body at once, unless others share it."""
+        if self._finished or self._headless:
+            return
+        if self._keep_going is not None and self._keep_going():
+            # Coalesced followers still read this body: go on reading without a client.
+            self._headless = True
+            if self._pending is None and self.transport is not None:
+                self.transport.resumeProducing()
+            return
         self._fail(ClientGone("client disconnected"), abort_client=False)
+
+    def go_headless(self) -> None:
+        """Stop writing to this relay's own client: the body goes only to ``tee`` (shared)."""
+        self._headless = True
+
+    def abandon(self) -> None:
+        """Nobody needs the body any more: stop the upstream."""
+        self._fail(ClientGone("all clients left"), abort_client=False)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -133,6 +153,8 @@ class Relay(Protocol):
             return
         self._last_progress = self._clock.seconds()
         self._rearm(self._idle_timeout)
+        if self._headless:
+            return
         self._request.registerProducer(self.transport, True)
         for chunk in pending:
             self.sent += len(chunk)
@@ -141,8 +163,9 @@ class Relay(Protocol):
     def _finish(self) -> None:
         self._finished = True
         self._cancel_timer()
-        self._request.unregisterProducer()
-        self._request.finish()
+        if not self._headless:
+            self._request.unregisterProducer()
+            self._request.finish()
         self.done.callback(self.sent)
 
     def _fail(
@@ -155,9 +178,10 @@ class Relay(Protocol):
         self._cancel_timer()
         if abort_upstream and self.transport is not None:
             self.transport.stopProducing()
-        if self._pending is None:
+        if self._pending is None or self._headless:
             # Headers (and maybe bytes) are out: the client must see a cut, never a short 200.
-            self._request.unregisterProducer()
+            if self._request.channel is not None and not self._headless:
+                self._request.unregisterProducer()
             if abort_client:
                 abort_connection(self._request)
             error = Cut(error, self.sent)

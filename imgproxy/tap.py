@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
-
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import DeferredList, inlineCallbacks
@@ -20,16 +19,16 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.server import Site
 
 from imgproxy import __version__
+from imgproxy.cache import Cache
 from imgproxy.config import OPTIONS, Config, ConfigError, build_config, cli_values, read_keys
-from imgproxy.logs import AccessLog, make_observer, parse_level
+from imgproxy.logs import AccessLog, QuietSite, make_observer, parse_level
 from imgproxy.metrics import Metrics, metrics_site
 from imgproxy.netpolicy import AddressPolicy, HostPolicy, PolicyEndpointFactory, make_tls_policy
 from imgproxy.ratelimit import HostLimiter, HostOverride, Limits
 from imgproxy.sniff import DEFAULT_FORMATS, FORMATS, SniffPolicy
-from imgproxy.upstream import FetchPolicy, Fetcher
+from imgproxy.upstream import Fetcher, FetchPolicy
 from imgproxy.urls import Signer
 from imgproxy.web import VIA_TOKEN, ProxyResource, ResponsePolicy
 
@@ -237,9 +236,15 @@ def build_pipeline(config: Config, reactor: Any) -> Pipeline:
         Signer(config.keys),
         fetcher,
         SniffPolicy(formats=formats, allow_svg=config.allow_svg, max_pixels=config.max_pixels),
-        response_policy=ResponsePolicy(config.default_cache_control.encode("latin-1")),
+        response_policy=ResponsePolicy(
+            config.default_cache_control.encode("latin-1"),
+            config.cache_status_header.lower().encode("latin-1"),
+        ),
         max_size=config.max_size,
         idle_timeout=config.idle_timeout,
+        cache=Cache(reactor, max_bytes=config.cache_size, max_object=config.cache_object_max,
+                    negative_ttl=config.negative_ttl),
+        coalesce_max_size=config.coalesce_max_size,
         metrics=metrics,
         access_log=None if config.no_access_log else AccessLog(log_client_ip=config.log_client_ip),
     )
@@ -251,9 +256,7 @@ def build_service(config: Config, reactor: Any, environ: Mapping[str, str]) -> P
     observer = make_observer(parse_level(config.log_level), config.log_format, sys.stdout)
     pipeline = build_pipeline(config, reactor)
     resource, metrics = pipeline.resource, pipeline.metrics
-    site = Site(resource)
-    site.noisy = False
-    site.log = lambda request: None  # our own access log replaces the Site's
+    site = QuietSite(resource, reactor=reactor)  # our own access log replaces the Site's
     root = ProxyService(config, reactor, resource, pipeline.pool, observer)
     for description in config.listen:
         try:
@@ -269,7 +272,9 @@ def build_service(config: Config, reactor: Any, environ: Mapping[str, str]) -> P
             metrics_endpoint = serverFromString(reactor, config.metrics)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--metrics: {config.metrics!r}: {e}") from None
-        StreamServerEndpointService(metrics_endpoint, metrics_site(metrics)).setServiceParent(root)
+        StreamServerEndpointService(
+            metrics_endpoint, metrics_site(metrics, reactor=reactor)
+        ).setServiceParent(root)
     if config.manhole:
         from imgproxy.manhole import check_host_key, make_manhole_service
 

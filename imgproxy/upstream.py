@@ -114,6 +114,13 @@ def translate_failure(failure: Failure) -> ProxyError:
     return UpstreamError("Bad Gateway", kind="upstream")
 
 
+def _cancelled(exc: BaseException) -> bool:
+    """Whether a request failed because we cancelled it (the Agent wraps CancelledError)."""
+    if isinstance(exc, CancelledError):
+        return True
+    return any(r.check(CancelledError) for r in getattr(exc, "reasons", ()))
+
+
 @attrs.frozen
 class FetchPolicy:
     """What every upstream request carries and how far it may go."""
@@ -216,13 +223,13 @@ class Fetcher:
         timer = self._clock.callLater(remaining, on_timeout)
         try:
             return await d
-        except CancelledError:
+        except Exception as e:
             if timed_out:
                 raise UpstreamTimeout() from None
-            raise
-        except ProxyError:
-            raise
-        except Exception:
+            if isinstance(e, ProxyError):
+                raise
+            if _cancelled(e):
+                raise CancelledError() from None
             raise translate_failure(Failure()) from None
         finally:
             if timer.active():

@@ -1,15 +1,17 @@
 """The web front: routes, the proxy pipeline per request, response headers and error responses.
 
-The pipeline for one request: decode and verify the signed URL (urls) -> fetch with the
-destination policy and the per-host limiter (upstream) -> sniff and relay the body (relay).
-Every failure is a :class:`~imgproxy.errors.ProxyError` answered as short plain text.
+The pipeline for one request: decode and verify the signed URL (urls) -> answer from the cache,
+or follow a fetch of the same URL already under way (coalesce) -> fetch with the destination
+policy and the per-host limiter (upstream) -> sniff and relay the body (relay). Every failure is
+a :class:`~imgproxy.errors.ProxyError` answered as short plain text.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -19,16 +21,11 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from imgproxy.errors import (
-    BadRequest,
-    MethodNotAllowed,
-    NotFound,
-    ProxyError,
-    Unavailable,
-    UpstreamError,
-)
+from imgproxy.cache import Cache, Entry
+from imgproxy.coalesce import Detached, FollowerProducer, Head, SharedBody
+from imgproxy.errors import MethodNotAllowed, NotFound, ProxyError, Unavailable, UpstreamError
 from imgproxy.logs import AccessLog
-from imgproxy.metrics import Metrics
+from imgproxy.metrics import UPSTREAM_ERROR_KINDS, Metrics
 from imgproxy.relay import ClientGone, Cut, Relay, abort_connection
 from imgproxy.sniff import Sniffed, SniffPolicy
 from imgproxy.upstream import Fetcher, Upstream, discard
@@ -36,8 +33,9 @@ from imgproxy.urls import Signer, decode, is_proxy_path
 
 log = Logger()
 
+Header = tuple[bytes, bytes]
 VIA_TOKEN = b"imageproxy"
-SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+SECURITY_HEADERS: tuple[Header, ...] = (
     (b"x-content-type-options", b"nosniff"),
     (b"content-security-policy", b"default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
                                  b"sandbox"),
@@ -48,6 +46,10 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
 # Origin response headers passed to the client (besides the ones we compute).
 RELAYED_HEADERS = (b"etag", b"last-modified", b"expires")
 CONDITIONAL_HEADERS = (b"if-none-match", b"if-modified-since")
+# Refusals worth remembering for --negative-ttl: they will not change on a retry soon.
+NEGATIVE_KINDS = frozenset(
+    {"not-found", "not-image", "too-large", "too-many-pixels", "refused-destination"}
+)
 _OK_KINDS = {200: "ok", 304: "not-modified"}
 
 
@@ -56,6 +58,7 @@ class ResponsePolicy:
     """Static parts of the responses."""
 
     default_cache_control: bytes = b"public, max-age=31536000"
+    cache_status_header: bytes = b"x-cache"
 
 
 @attrs.define(eq=False)
@@ -68,10 +71,13 @@ class Exchange:
     url: bytes | None = None
     host: str | None = None
     relay: Relay | None = None
+    follower: FollowerProducer | None = None  # reads a shared body (coalesced requests)
+    shared: SharedBody | None = None  # the body this request's fetch shares with followers
     task: Deferred[None] | None = None
     status: int = 0  # 0 until a response status is chosen; 499 in the log if none ever was
     kind: str = "ok"
     sent: int = 0
+    cache: str | None = None
 
 
 class ProxyResource(Resource):
@@ -89,6 +95,8 @@ class ProxyResource(Resource):
         response_policy: ResponsePolicy = ResponsePolicy(),
         max_size: int = 5242880,
         idle_timeout: float = 10.0,
+        cache: Cache | None = None,
+        coalesce_max_size: int = 0,
         metrics: Metrics | None = None,
         access_log: AccessLog | None = None,
     ) -> None:
@@ -100,6 +108,9 @@ class ProxyResource(Resource):
         self._response_policy = response_policy
         self._max_size = max_size
         self._idle_timeout = idle_timeout
+        self.cache = cache if cache is not None and cache.enabled else None
+        self._coalesce_max_size = coalesce_max_size
+        self._shared: dict[bytes, SharedBody] = {}
         self._metrics = metrics
         self._access_log = access_log
         self.inflight: set[Exchange] = set()
@@ -121,7 +132,7 @@ class ProxyResource(Resource):
             return NOT_DONE_YET
         if url is None:  # /healthz
             exchange.status = 200
-            self._respond_text(request, 200, b"ok\n", no_store=True)
+            self._respond_text(request, 200, b"ok\n")
             return NOT_DONE_YET
         exchange.url = url
         exchange.task = ensureDeferred(self._serve(exchange))
@@ -151,21 +162,69 @@ class ProxyResource(Resource):
 
     async def _serve(self, exchange: Exchange) -> None:
         request = exchange.request
-        assert exchange.url is not None
+        url = exchange.url
+        assert url is not None
         conditional = {
             name: values[-1]
             for name in CONDITIONAL_HEADERS
             if (values := request.requestHeaders.getRawHeaders(name))
         }
+        cache = self.cache
+        key = cache.key(url) if cache is not None else url
+        entry = cache.get(key) if cache is not None else None
+        if entry is not None:
+            if entry.negative is not None:
+                exchange.cache = "HIT"
+                self._respond_error(exchange, _negative_error(entry))
+                return
+            if entry.is_fresh(self._clock.seconds()):
+                self._serve_entry(exchange, entry, "HIT", conditional)
+                return
+        shareable = (
+            self._coalesce_max_size > 0 and exchange.method == b"GET" and not conditional
+            and entry is None
+        )
+        if shareable:
+            shared = self._shared.get(key)
+            if shared is not None and shared.joinable:
+                try:
+                    await self._follow(exchange, shared)
+                    return
+                except Detached:
+                    pass  # too large to share: fetch on our own
+        shared = SharedBody(self._coalesce_max_size) if shareable else None
+        if shared is not None:
+            self._shared[key] = shared
+            exchange.shared = shared
+        try:
+            await self._fetch_and_relay(exchange, key, entry, conditional, shared)
+        finally:
+            if shared is not None:
+                if self._shared.get(key) is shared:
+                    del self._shared[key]
+                shared.stop(Detached("fetch over"))  # no-op when finished normally
+
+    async def _fetch_and_relay(
+        self, exchange: Exchange, key: bytes, entry: Entry | None,
+        conditional: dict[bytes, bytes], shared: SharedBody | None,
+    ) -> None:
+        url = exchange.url
+        assert url is not None
 
         def on_hop(host: str) -> None:
             exchange.host = host
 
+        request_time = self._clock.seconds()
         try:
             upstream = await self._fetcher.fetch(
-                exchange.url, exchange.method, conditional, on_hop=on_hop
+                url, exchange.method, entry.validators() if entry is not None else conditional,
+                on_hop=on_hop,
             )
         except ProxyError as e:
+            if self.cache is not None and e.kind in NEGATIVE_KINDS:
+                self.cache.store_negative(key, url, _hostname(url), e.status, e.kind, e.reason)
+            if shared is not None:
+                shared.stop(e)
             self._count_error(e)
             self._respond_error(exchange, e)
             return
@@ -174,90 +233,249 @@ class ProxyResource(Resource):
         if self._metrics is not None:
             self._metrics.upstream_fetched(self._clock.seconds() - exchange.started)
         try:
-            await self._relay(exchange, upstream)
+            if entry is not None and upstream.status == 304:
+                discard(upstream.response)
+                assert self.cache is not None
+                refreshed = self.cache.refresh(
+                    key, _flat_headers(upstream), request_time, self._clock.seconds())
+                if refreshed is not None:
+                    self._serve_entry(exchange, refreshed, "REVALIDATED", conditional)
+                    return
+                raise UpstreamError("Bad Gateway: revalidation failed", kind="status")
+            await self._relay(exchange, upstream, key, request_time, shared)
+        except ProxyError as e:
+            self._count_error(e)
+            self._respond_error(exchange, e)
         finally:
             upstream.permit.release()
 
-    async def _relay(self, exchange: Exchange, upstream: Upstream) -> None:
+    async def _relay(
+        self, exchange: Exchange, upstream: Upstream, key: bytes, request_time: float,
+        shared: SharedBody | None,
+    ) -> None:
         request = exchange.request
+        exchange.cache = "MISS" if self.cache is not None else None
         if upstream.status == 304 or exchange.method == b"HEAD":
             discard(upstream.response)
-            try:
-                content_type = (
-                    None if upstream.status == 304
-                    else self._sniff_policy.judge_declared(_text(upstream.header(b"content-type")))
-                )
-            except ProxyError as e:
-                self._count_error(e)
-                self._respond_error(exchange, e)
-                return
-            self._write_head(exchange, upstream, content_type, upstream.header(b"content-length"))
+            content_type = None
+            if upstream.status != 304:
+                content_type = self._sniff_policy.judge_declared(
+                    _text(upstream.header(b"content-type")))
+            source = _flat_headers(upstream)
+            status = 304 if upstream.status == 304 else 200
+            self._send_head(exchange, status, self._client_headers(
+                source, content_type, source.get(b"content-length")))
             request.finish()
             return
         length = upstream.response.length
+        source = _flat_headers(upstream)
+        capture = _Capture(self.cache.max_object) if self.cache is not None else None
 
         def start(sniffed: Sniffed) -> None:
-            self._write_head(
-                exchange, upstream, sniffed.content_type,
-                None if not isinstance(length, int) else b"%d" % length,
+            headers = self._client_headers(
+                source, sniffed.content_type,
+                b"%d" % length if isinstance(length, int) else None,
             )
-            if self._metrics is not None:
-                self._metrics.first_byte(self._clock.seconds() - exchange.started)
+            source[b"content-type"] = sniffed.content_type.encode("ascii")
+            if shared is not None:
+                if isinstance(length, int) and length <= shared.limit:
+                    # Shared: the upstream fills the bounded buffer at its own pace and every
+                    # client, this one included, reads it at theirs.
+                    shared.set_head(Head(200, headers))
+                    relay.go_headless()
+                    if request.channel is not None:
+                        shared.join()
+                        exchange.follower = FollowerProducer(request, shared)
+                else:
+                    shared.stop(Detached("body larger than --coalesce-max-size"))
+            if request.channel is not None:
+                self._send_head(exchange, 200, headers)
+                if self._metrics is not None:
+                    self._metrics.first_byte(self._clock.seconds() - exchange.started)
+                if exchange.follower is not None:
+                    exchange.follower.start()
+
+        tee = None
+        if shared is not None or capture is not None:
+            def tee(data: bytes) -> None:
+                if shared is not None:
+                    shared.append(data)
+                if capture is not None:
+                    capture.add(data)
 
         relay = Relay(
             self._clock, request, self._sniff_policy.sniffer(), start,
             max_size=self._max_size, deadline=upstream.deadline, idle_timeout=self._idle_timeout,
+            tee=tee,
+            keep_going=(lambda: shared.followers > 0 and shared.error is None)
+            if shared is not None else None,
         )
         exchange.relay = relay
+        if shared is not None:
+            shared.on_abandoned = relay.abandon
         upstream.response.deliverBody(relay)
         try:
             await relay.done
         except ProxyError as e:
-            self._count_error(e)
-            self._respond_error(exchange, e)
+            if shared is not None:
+                shared.stop(e)
+            if self.cache is not None and e.kind in NEGATIVE_KINDS:
+                self.cache.store_negative(key, upstream.url, _hostname(upstream.url), e.status,
+                                          e.kind, e.reason)
+            raise
         except Cut as e:
+            if shared is not None:
+                shared.stop(e.cause)
             if isinstance(e.cause, ProxyError):
                 self._count_error(e.cause)
+            if exchange.follower is not None:
+                await self._stream_shared(exchange, exchange.follower)
+            return
         except ClientGone:
-            pass
+            return
+        if shared is not None:
+            shared.finish()
+        if capture is not None and capture.chunks is not None and self.cache is not None:
+            self.cache.store(
+                key, upstream.url, _hostname(upstream.url), 200, source,
+                b"".join(capture.chunks), request_time, self._clock.seconds(),
+            )
+        if exchange.follower is not None:
+            await self._stream_shared(exchange, exchange.follower)
 
-    def _write_head(
-        self, exchange: Exchange, upstream: Upstream, content_type: str | None,
-        content_length: bytes | None,
+    async def _stream_shared(self, exchange: Exchange, producer: FollowerProducer) -> None:
+        try:
+            await producer.done
+        except Cut:
+            pass  # counted in _done from producer.error
+
+    async def _follow(self, exchange: Exchange, shared: SharedBody) -> None:
+        """Serve a request from a fetch of the same URL already under way."""
+        try:
+            head = await shared.wait_head()
+        except Detached:
+            raise
+        except ProxyError as e:
+            exchange.cache = "COALESCED"
+            self._respond_error(exchange, e)
+            return
+        exchange.cache = "COALESCED"
+        self._send_head(exchange, head.status, head.headers)
+        exchange.follower = FollowerProducer(exchange.request, shared)
+        exchange.follower.start()
+        await self._stream_shared(exchange, exchange.follower)
+
+    def _serve_entry(
+        self, exchange: Exchange, entry: Entry, cache_status: str,
+        conditional: Mapping[bytes, bytes],
     ) -> None:
+        """Answer from a fresh cache entry: 304 when the client's validators match."""
         request = exchange.request
-        status = 304 if upstream.status == 304 else 200
+        exchange.cache = cache_status
+        stored = entry.headers
+        age = [(b"age", b"%d" % int(entry.age(self._clock.seconds())))]
+        if conditional and entry.matches_conditional(
+            conditional.get(b"if-none-match"), conditional.get(b"if-modified-since")
+        ):
+            self._send_head(exchange, 304, self._client_headers(stored, None, None) + age)
+            request.finish()
+            return
+        body = entry.body
+        self._send_head(exchange, 200, self._client_headers(
+            stored, stored[b"content-type"].decode("ascii"), b"%d" % len(body)) + age)
+        if exchange.method != b"HEAD":
+            request.write(body)
+            exchange.sent = len(body)
+        request.finish()
+
+    # -- responses -----------------------------------------------------------------------------
+
+    def _client_headers(
+        self, source: Mapping[bytes, bytes], content_type: str | None,
+        content_length: bytes | None,
+    ) -> list[Header]:
+        """The headers a client gets: validated type, allowlisted origin headers, ours."""
+        headers: list[Header] = []
+        if content_type is not None:
+            headers.append((b"content-type", content_type.encode("ascii")))
+        if content_length is not None and content_length.isdigit():
+            headers.append((b"content-length", content_length))
+        for name in RELAYED_HEADERS:
+            value = source.get(name)
+            if value is not None:
+                headers.append((name, value))
+        headers.append(
+            (b"cache-control",
+             source.get(b"cache-control") or self._response_policy.default_cache_control))
+        headers.extend(SECURITY_HEADERS)
+        return headers
+
+    def _send_head(self, exchange: Exchange, status: int, headers: Sequence[Header]) -> None:
+        request = exchange.request
         exchange.status = status
-        exchange.kind = _OK_KINDS[status]
+        exchange.kind = _OK_KINDS.get(status, "ok")
+        request.setResponseCode(status)
+        raw = request.responseHeaders
+        for name, value in headers:
+            raw.setRawHeaders(name, [value])
+        if status == 304:
+            raw.removeHeader(b"content-length")
+        self._common_headers(exchange, raw)
+
+    def _common_headers(self, exchange: Exchange, raw: Any) -> None:
+        if exchange.cache is not None:
+            raw.setRawHeaders(self._response_policy.cache_status_header,
+                              [exchange.cache.encode("ascii")])
+        if self.draining:
+            raw.setRawHeaders(b"connection", [b"close"])
+
+    def _respond_error(self, exchange: Exchange, error: ProxyError) -> None:
+        request = exchange.request
+        exchange.status = error.status
+        exchange.kind = error.kind
+        if request.finished or request.startedWriting or request.channel is None:
+            return
+        extra: list[Header] = []
+        if isinstance(error, Unavailable):
+            extra.append((b"retry-after", b"%d" % max(1, math.ceil(error.retry_after))))
+        if isinstance(error, MethodNotAllowed):
+            extra.append((b"allow", b"GET, HEAD"))
+        self._respond_text(
+            request, error.status, error.reason.encode("utf-8", "replace") + b"\n", extra=extra,
+            exchange=exchange,
+        )
+
+    def _respond_text(
+        self, request: Request, status: int, body: bytes, *,
+        extra: Iterable[Header] = (), exchange: Exchange | None = None,
+    ) -> None:
         request.setResponseCode(status)
         headers = request.responseHeaders
-        if content_type is not None:
-            headers.setRawHeaders(b"content-type", [content_type.encode("ascii")])
-        if content_length is not None and content_length.isdigit() and status == 200:
-            headers.setRawHeaders(b"content-length", [content_length])
-        for name in RELAYED_HEADERS:
-            value = upstream.header(name)
-            if value is not None:
-                headers.setRawHeaders(name, [value])
-        cache_control = upstream.header(b"cache-control")
-        headers.setRawHeaders(
-            b"cache-control", [cache_control or self._response_policy.default_cache_control]
-        )
-        for name, value in SECURITY_HEADERS:
+        for name in list(dict(headers.getAllRawHeaders())):
+            headers.removeHeader(name)
+        headers.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
+        headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        headers.setRawHeaders(b"cache-control", [b"no-store"])
+        for name, value in (*SECURITY_HEADERS, *extra):
             headers.setRawHeaders(name, [value])
-        if self.draining:
-            headers.setRawHeaders(b"connection", [b"close"])
+        if exchange is not None:
+            self._common_headers(exchange, headers)
+        request.write(body)
+        request.finish()
 
     # -- completion ----------------------------------------------------------------------------
 
     def _finished(self, result: None | Failure, exchange: Exchange) -> None:
         """The response is complete, or the client connection is gone (``result`` a failure)."""
-        if isinstance(result, Failure):
+        gone = isinstance(result, Failure)
+        if gone:
             if exchange.relay is not None:
                 exchange.relay.client_gone()
-            elif exchange.task is not None:
-                exchange.task.cancel()
-        self._done(exchange, gone=isinstance(result, Failure))
+            elif exchange.task is not None and not (
+                exchange.shared is not None and exchange.shared.followers > 0
+            ):
+                exchange.task.cancel()  # else the fetch goes on for the followers
+        self._done(exchange, gone)
 
     def _unexpected(self, failure: Failure, exchange: Exchange) -> None:
         log.failure("unexpected error serving a request", failure)
@@ -267,55 +485,18 @@ class ProxyResource(Resource):
             abort_connection(exchange.request)
 
     def _count_error(self, error: ProxyError) -> None:
-        if self._metrics is not None and error.status >= 500:
+        if self._metrics is not None and error.kind in UPSTREAM_ERROR_KINDS:
             self._metrics.upstream_error(error.kind)
-
-    def _respond_error(self, exchange: Exchange, error: ProxyError) -> None:
-        request = exchange.request
-        exchange.status = error.status
-        exchange.kind = error.kind
-        if request.finished or request.startedWriting or request.channel is None:
-            return
-        extra: list[tuple[bytes, bytes]] = []
-        if isinstance(error, Unavailable):
-            extra.append((b"retry-after", b"%d" % max(1, math.ceil(error.retry_after))))
-        if isinstance(error, MethodNotAllowed):
-            extra.append((b"allow", b"GET, HEAD"))
-        self._respond_text(
-            request, error.status, error.reason.encode("utf-8", "replace") + b"\n",
-            no_store=True, extra=extra,
-        )
-
-    def _respond_text(
-        self, request: Request, status: int, body: bytes, *, no_store: bool,
-        extra: Iterable[tuple[bytes, bytes]] = (),
-    ) -> None:
-        request.setResponseCode(status)
-        headers = request.responseHeaders
-        for name in list(dict(headers.getAllRawHeaders())):
-            headers.removeHeader(name)
-        headers.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
-        headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
-        if no_store:
-            headers.setRawHeaders(b"cache-control", [b"no-store"])
-        for name, value in SECURITY_HEADERS:
-            headers.setRawHeaders(name, [value])
-        for name, value in extra:
-            headers.setRawHeaders(name, [value])
-        if self.draining:
-            headers.setRawHeaders(b"connection", [b"close"])
-        request.write(body)
-        request.finish()
 
     def _done(self, exchange: Exchange, gone: bool) -> None:
         """Count and log a request once, when its outcome is known."""
         self.inflight.discard(exchange)
         duration = self._clock.seconds() - exchange.started
-        relay = exchange.relay
-        if relay is not None:
-            exchange.sent = relay.sent
-            if relay.error is not None:
-                exchange.kind = getattr(relay.error, "kind", "client-gone")
+        source = exchange.follower or exchange.relay
+        if source is not None:
+            exchange.sent = source.sent
+            if source.error is not None:
+                exchange.kind = getattr(source.error, "kind", "client-gone")
         if gone and exchange.kind in _OK_KINDS.values():
             exchange.kind = "client-gone"
         status = exchange.status or 499
@@ -326,6 +507,7 @@ class ProxyResource(Resource):
                 method=exchange.method.decode("ascii", "replace"), status=status,
                 bytes_sent=exchange.sent, duration=duration, host=exchange.host,
                 url=exchange.url, client_ip=_client_ip(exchange.request), kind=exchange.kind,
+                cache=exchange.cache,
             )
         if self.draining and not self.inflight:
             waiting, self._drained = self._drained, []
@@ -358,6 +540,44 @@ class LoopDetected(ProxyError):
     default_reason = "Loop detected"
 
 
+class _Capture:
+    """Collects a body for the cache while it stays under the per-object cap."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.chunks: list[bytes] | None = []
+
+    def add(self, data: bytes) -> None:
+        if self.chunks is None:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.chunks = None
+        else:
+            self.chunks.append(data)
+
+
+def _negative_error(entry: Entry) -> ProxyError:
+    negative = entry.negative
+    assert negative is not None
+    error = ProxyError(negative.reason, kind=negative.kind)
+    error.status = negative.status
+    return error
+
+
+def _flat_headers(upstream: Upstream) -> dict[bytes, bytes]:
+    """Upstream response headers as lower-case names, repeated fields joined."""
+    return {
+        name.lower(): b", ".join(values)
+        for name, values in upstream.response.headers.getAllRawHeaders()
+    }
+
+
+def _hostname(url: bytes) -> str:
+    return urlsplit(url.decode("ascii", "replace")).hostname or ""
+
+
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("latin-1")
 
@@ -365,6 +585,3 @@ def _text(value: bytes | None) -> str | None:
 def _client_ip(request: Request) -> str | None:
     peer = request.getClientAddress()
     return getattr(peer, "host", None)
-
-
-__all__ = ["BadRequest", "ProxyResource", "ResponsePolicy"]
