@@ -16,6 +16,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IHostnameResolver
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
@@ -27,6 +28,7 @@ from imgproxy.logs import AccessLog, QuietSite, make_observer, parse_level
 from imgproxy.metrics import Metrics, metrics_site
 from imgproxy.netpolicy import AddressPolicy, HostPolicy, PolicyEndpointFactory, make_tls_policy
 from imgproxy.ratelimit import HostLimiter, HostOverride, Limits
+from imgproxy.sdnotify import Notifier, NotifierService
 from imgproxy.sniff import DEFAULT_FORMATS, FORMATS, SniffPolicy
 from imgproxy.upstream import Fetcher, FetchPolicy
 from imgproxy.urls import Signer
@@ -115,6 +117,7 @@ class ProxyService(MultiService):
         self._pool = pool
         self._observer = log_observer
         self.listeners: list[IService] = []
+        self.notifier: Notifier | None = None
         self._previous_hup: Any = None
 
     def setServiceParent(self, parent: Any) -> None:
@@ -142,8 +145,12 @@ class ProxyService(MultiService):
         except ConfigError as e:
             log.error("SIGHUP: keeping the old keys: {error}", error=str(e))
             return
+        if self.notifier is not None:
+            self.notifier.reloading()
         self.resource.signer = Signer(keys)
         log.info("SIGHUP: reloaded {count} key(s)", count=len(keys))
+        if self.notifier is not None:
+            self.notifier.ready()
 
     @inlineCallbacks
     def stopService(self) -> Any:
@@ -181,9 +188,11 @@ class Pipeline:
     metrics: Metrics
 
 
-def build_pipeline(config: Config, reactor: Any) -> Pipeline:
+def build_pipeline(
+    config: Config, reactor: Any, resolver: IHostnameResolver | None = None
+) -> Pipeline:
     """Wire every module of the request path, one direction: web -> urls -> policy -> limiter
-    -> upstream -> sniffer -> relay."""
+    -> upstream -> sniffer -> relay. ``resolver`` defaults to the reactor's."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = config.max_inflight_per_host
@@ -193,6 +202,7 @@ def build_pipeline(config: Config, reactor: Any) -> Pipeline:
         AddressPolicy(allow_networks=config.allow_network, deny_networks=config.deny_network),
         make_tls_policy(config.ca_file),
         connect_timeout=config.timeout,
+        resolver=resolver,
     )
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool)
     limiter = HostLimiter(
@@ -221,16 +231,6 @@ def build_pipeline(config: Config, reactor: Any) -> Pipeline:
         ),
     )
     metrics = Metrics(__version__)
-    metrics.watch("ratelimit_admitted", "Requests admitted by the per-host limiter",
-                  lambda: limiter.admitted, "counter")
-    metrics.watch("ratelimit_delayed", "Requests that waited for a token",
-                  lambda: limiter.delayed, "counter")
-    metrics.watch("ratelimit_refused", "Requests refused by the limiter (503)",
-                  lambda: limiter.refused, "counter")
-    metrics.watch("ratelimit_tracked_hosts", "Origin hosts tracked by the limiter",
-                  lambda: limiter.tracked_hosts)
-    metrics.watch("upstream_pool_connections", "Idle keep-alive connections to origins",
-                  lambda: sum(len(c) for c in pool._connections.values()))
     resource = ProxyResource(
         reactor,
         Signer(config.keys),
@@ -248,7 +248,45 @@ def build_pipeline(config: Config, reactor: Any) -> Pipeline:
         metrics=metrics,
         access_log=None if config.no_access_log else AccessLog(log_client_ip=config.log_client_ip),
     )
+    _watch(metrics, limiter, pool, resource.cache)
     return Pipeline(resource, limiter, pool, metrics)
+
+
+def _watch(
+    metrics: Metrics, limiter: HostLimiter, pool: HTTPConnectionPool, cache: Cache | None
+) -> None:
+    """Expose the live counters of the limiter, the pool and the cache as metrics."""
+    watched: list[tuple[str, str, Callable[[], float], str]] = [
+        ("ratelimit_admitted", "Requests admitted by the per-host limiter",
+         lambda: limiter.admitted, "counter"),
+        ("ratelimit_delayed", "Requests that waited for a token",
+         lambda: limiter.delayed, "counter"),
+        ("ratelimit_refused", "Requests refused by the limiter (503)",
+         lambda: limiter.refused, "counter"),
+        ("ratelimit_tracked_hosts", "Origin hosts tracked by the limiter",
+         lambda: limiter.tracked_hosts, "gauge"),
+        ("upstream_inflight", "Upstream requests in flight or waiting for a token",
+         lambda: limiter.inflight, "gauge"),
+        ("upstream_pool_connections", "Idle keep-alive connections to origins",
+         lambda: sum(len(c) for c in pool._connections.values()), "gauge"),
+    ]
+    if cache is not None:
+        watched += [
+            ("cache_hits", "Requests answered from a fresh cache entry",
+             lambda: cache.hits, "counter"),
+            ("cache_misses", "Requests not found in the cache", lambda: cache.misses, "counter"),
+            ("cache_stale", "Requests that found a stale entry", lambda: cache.stale, "counter"),
+            ("cache_revalidated", "Stale entries refreshed by an origin 304",
+             lambda: cache.revalidated, "counter"),
+            ("cache_negative_hits", "Requests answered from a cached refusal",
+             lambda: cache.negative_hits, "counter"),
+            ("cache_evictions", "Entries evicted to stay within --cache-size",
+             lambda: cache.evictions, "counter"),
+            ("cache_bytes", "Bytes held by the cache", lambda: cache.bytes_stored, "gauge"),
+            ("cache_entries", "Entries held by the cache", lambda: cache.entry_count, "gauge"),
+        ]
+    for name, documentation, read, kind in watched:
+        metrics.watch(name, documentation, read, kind)
 
 
 def build_service(config: Config, reactor: Any, environ: Mapping[str, str]) -> ProxyService:
@@ -283,14 +321,13 @@ def build_service(config: Config, reactor: Any, environ: Mapping[str, str]) -> P
         namespace: dict[str, object] = {
             "config": config, "service": root, "resource": resource,
             "limiter": pipeline.limiter, "metrics": metrics, "pool": pipeline.pool,
-            "inflight": resource.inflight,
+            "inflight": resource.inflight, "cache": resource.cache,
         }
         make_manhole_service(
             config.manhole, config.manhole_keys, config.manhole_host_key, namespace, reactor
         ).setServiceParent(root)
-    from imgproxy.sdnotify import Notifier, NotifierService
-
-    NotifierService(Notifier(reactor, environ)).setServiceParent(root)
+    root.notifier = Notifier(reactor, environ)
+    NotifierService(root.notifier).setServiceParent(root)
     return root
 
 

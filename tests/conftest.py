@@ -157,11 +157,11 @@ def make_proxy() -> Iterator[Callable[..., Proxy]]:
     """Start proxies with config overrides; all are stopped at teardown."""
     started: list[Proxy] = []
 
-    def make(**overrides: Any) -> Proxy:
+    def make(resolver: Any = None, **overrides: Any) -> Proxy:
         values: dict[str, Any] = {"keys": (KEY,), "allow_network": LOOPBACK,
                                   "no_access_log": True}
         values.update(overrides)
-        pipeline = build_pipeline(Config(**values), reactor)
+        pipeline = build_pipeline(Config(**values), reactor, resolver=resolver)
         site = QuietSite(pipeline.resource)
         proxy = Proxy(pipeline, reactor.listenTCP(0, site, interface="127.0.0.1"))
         started.append(proxy)
