@@ -16,6 +16,7 @@ import copy
 import platform
 import re
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -198,6 +199,7 @@ class Metrics:
         )
         for kind in sorted(UPSTREAM_ERROR_KINDS):
             self._upstream_errors.labels(kind=kind)
+        self._children: dict[tuple[int, str], tuple[Any, Any]] = {}
 
     def _clamp(self, kind: str, allowed: frozenset[str]) -> str:
         """Return ``kind`` if it is in ``allowed``, else ``"other"`` (warning once per kind)."""
@@ -223,9 +225,17 @@ class Metrics:
         :param bytes_sent: body bytes written to the client.
         """
         self._in_flight.dec()
-        klass = code_class(status)
-        self._requests.labels(code_class=klass, reason=self._clamp(kind, REQUEST_KINDS)).inc()
-        self._duration.labels(code_class=klass).observe(_non_negative(duration))
+        children = self._children.get((status, kind))
+        if children is None:  # label lookups are costly: one per (status, kind), then cached
+            klass = code_class(status)
+            children = (
+                self._requests.labels(code_class=klass, reason=self._clamp(kind, REQUEST_KINDS)),
+                self._duration.labels(code_class=klass),
+            )
+            if len(self._children) < 4096:
+                self._children[(status, kind)] = children
+        children[0].inc()
+        children[1].observe(_non_negative(duration))
         self._bytes.inc(_non_negative(bytes_sent))
 
     def upstream_fetched(self, duration: float) -> None:

@@ -16,6 +16,7 @@ Three layers, all fail-closed:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -310,6 +311,13 @@ def _normalise_host(text: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=4096)
+def _checked_host(text: str) -> tuple[str, bool]:
+    """:func:`_normalise_host` and whether it is an IP literal, memoised (hot path)."""
+    host = _normalise_host(text)
+    return host, _is_ip_literal(host)
+
+
 def _is_ip_literal(host: str) -> bool:
     """Whether a normalised host is an IP address rather than a name."""
     try:
@@ -376,12 +384,12 @@ class HostPolicy:
         """
         scheme, host_text, port = _split_url(url)
         try:
-            host = _normalise_host(host_text)
+            host, literal = _checked_host(host_text)
         except _OddAddress as error:
             raise _refused(str(error))
         except ValueError as error:
             raise BadRequest(f"Bad URL: {error}")
-        if not _is_ip_literal(host):
+        if not literal:
             for suffix, reason in _SPECIAL_NAMES:
                 if host == suffix or host.endswith("." + suffix):
                     raise _refused(reason)

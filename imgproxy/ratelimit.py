@@ -21,6 +21,7 @@ tracked hosts is capped with least-recently-used eviction of idle hosts.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import time
@@ -127,6 +128,7 @@ def _normalize_host(host: bytes | str) -> str:
     return result
 
 
+@functools.lru_cache(maxsize=4096)
 def host_key(host: bytes | str, port: int) -> str:
     """Key of an origin host: lower-cased IDNA host and port, e.g. ``images.example.com:443``.
 

@@ -9,6 +9,7 @@ permit to release when the body is done, and the deadline for the first body byt
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import attrs
@@ -155,9 +156,12 @@ class Fetcher:
             b"accept-encoding": [b"identity"],
             b"via": [policy.via],
         }
+        self._plain_headers = Headers(self._base_headers)  # the Agent copies what it is given
 
     def headers(self, conditional: dict[bytes, bytes]) -> Headers:
         """Request headers: only our own, plus the client's validators."""
+        if not conditional:
+            return self._plain_headers
         raw = dict(self._base_headers)
         for name, value in conditional.items():
             raw[name] = [value]
@@ -207,9 +211,10 @@ class Fetcher:
             return Upstream(response, url, key, permit, deadline)
         raise UpstreamError("Bad Gateway: too many redirects", kind="redirects")
 
-    async def _request(
+    def _request(
         self, method: bytes, url: bytes, headers: Headers, deadline: float
-    ) -> IResponse:
+    ) -> Deferred[IResponse]:
+        """One upstream request, bounded by ``deadline``, failures mapped to ProxyError."""
         remaining = deadline - self._clock.seconds()
         if remaining <= 0:
             raise UpstreamTimeout()
@@ -221,19 +226,22 @@ class Fetcher:
             d.cancel()
 
         timer = self._clock.callLater(remaining, on_timeout)
-        try:
-            return await d
-        except Exception as e:
+
+        def failed(failure: Failure) -> Failure:
             if timed_out:
-                raise UpstreamTimeout() from None
-            if isinstance(e, ProxyError):
-                raise
-            if _cancelled(e):
-                raise CancelledError() from None
-            raise translate_failure(Failure()) from None
-        finally:
+                raise UpstreamTimeout()
+            if failure.check(ProxyError):
+                return failure
+            if _cancelled(failure.value):
+                raise CancelledError()
+            raise translate_failure(failure)
+
+        def finished(result: Any) -> Any:
             if timer.active():
                 timer.cancel()
+            return result
+
+        return d.addErrback(failed).addBoth(finished)
 
     def _check_response(self, response: IResponse, key: str) -> None:
         status = response.code
