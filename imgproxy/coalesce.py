@@ -1,12 +1,12 @@
 """Request coalescing: concurrent requests for one URL share one upstream fetch.
 
-The first request (the leader) fetches and relays as usual; its relay also appends the body to a
-:class:`SharedBody`. Requests for the same URL arriving meanwhile (followers) wait for the
-leader's response head, then stream the shared body at their own pace through a
-:class:`FollowerProducer`: a slow follower never slows the leader or the others, because the shared
-body is a buffer of at most ``limit`` bytes that the upstream fills regardless of followers.
-A body that grows past ``limit`` stops being shared: followers still reading are cut (their
-connection is aborted, as for any failed transfer) and new requests fetch on their own.
+The first request (the leader) fetches; requests for the same URL arriving before the response
+head (followers) wait for it. If followers are waiting and the declared body fits ``limit``, the
+leader's relay stops writing to its own client and only fills a :class:`SharedBody` at the
+origin's pace; every client, the leader's included, streams it through a
+:class:`FollowerProducer` at its own pace, so a slow client never slows the others and memory
+stays within ``limit``. Otherwise the shared fetch is closed (:class:`Detached`): followers fetch
+on their own and the leader keeps plain backpressure.
 """
 
 from __future__ import annotations

@@ -278,16 +278,17 @@ class ProxyResource(Resource):
             )
             source[b"content-type"] = sniffed.content_type.encode("ascii")
             if shared is not None:
-                if isinstance(length, int) and length <= shared.limit:
+                if shared.followers and isinstance(length, int) and length <= shared.limit:
                     # Shared: the upstream fills the bounded buffer at its own pace and every
-                    # client, this one included, reads it at theirs.
+                    # client, this one included, reads it at theirs. Without followers the
+                    # leader keeps plain backpressure (no whole body in memory).
                     shared.set_head(Head(200, headers))
                     relay.go_headless()
                     if request.channel is not None:
                         shared.join()
                         exchange.follower = FollowerProducer(request, shared)
                 else:
-                    shared.stop(Detached("body larger than --coalesce-max-size"))
+                    shared.stop(Detached("not shared"))
             if request.channel is not None:
                 self._send_head(exchange, 200, headers)
                 if self._metrics is not None:
