@@ -16,6 +16,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
@@ -126,6 +127,16 @@ class ProxyService(MultiService):
             parent.setComponent(ILogObserver, self._observer)
         super().setServiceParent(parent)
 
+    def privilegedStartService(self) -> None:
+        # Bind every port before starting: a port that cannot be had stops startup, one line.
+        for service in self:
+            try:
+                service.privilegedStartService()
+            except Exception as e:
+                option = getattr(service, "option_name", "--listen")
+                reason = e.socketError if isinstance(e, CannotListenError) else e
+                raise SystemExit(f"imageproxy: {option}: cannot listen: {reason}") from None
+
     def startService(self) -> None:
         super().startService()
         if hasattr(signal, "SIGHUP"):
@@ -154,6 +165,8 @@ class ProxyService(MultiService):
 
     @inlineCallbacks
     def stopService(self) -> Any:
+        if self.notifier is not None:
+            self.notifier.stopping()  # before the listeners close, not after the drain
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
         # Stop listening first, then let in-flight relays finish within the drain bound.
@@ -289,6 +302,24 @@ def _watch(
         metrics.watch(name, documentation, read, kind)
 
 
+def _listener(
+    reactor: Any, option: str, description: str, factory: Any
+) -> StreamServerEndpointService:
+    """A listening service for an endpoint string; errors name ``option``."""
+    try:
+        endpoint = serverFromString(reactor, description)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{option}: {description!r}: {e}") from None
+    except IndexError:
+        raise ConfigError(
+            f"{option}: {description!r}: no such inherited socket (is the .socket unit active?)"
+        ) from None
+    service = StreamServerEndpointService(endpoint, factory)
+    service._raiseSynchronously = True  # a port in use fails startup, not just a log line
+    service.option_name = option  # type: ignore[attr-defined]
+    return service
+
+
 def build_service(config: Config, reactor: Any, environ: Mapping[str, str]) -> ProxyService:
     """The service tree of one process: listeners, metrics, manhole, systemd notification."""
     observer = make_observer(parse_level(config.log_level), config.log_format, sys.stdout)
@@ -297,21 +328,12 @@ def build_service(config: Config, reactor: Any, environ: Mapping[str, str]) -> P
     site = QuietSite(resource, reactor=reactor)  # our own access log replaces the Site's
     root = ProxyService(config, reactor, resource, pipeline.pool, observer)
     for description in config.listen:
-        try:
-            endpoint = serverFromString(reactor, description)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"--listen: {description!r}: {e}") from None
-        listener = StreamServerEndpointService(endpoint, site)
-        listener._raiseSynchronously = True
+        listener = _listener(reactor, "--listen", description, site)
         listener.setServiceParent(root)
         root.listeners.append(listener)
     if config.metrics:
-        try:
-            metrics_endpoint = serverFromString(reactor, config.metrics)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"--metrics: {config.metrics!r}: {e}") from None
-        StreamServerEndpointService(
-            metrics_endpoint, metrics_site(metrics, reactor=reactor)
+        _listener(
+            reactor, "--metrics", config.metrics, metrics_site(metrics, reactor=reactor)
         ).setServiceParent(root)
     if config.manhole:
         from imgproxy.manhole import check_host_key, make_manhole_service
@@ -323,9 +345,12 @@ def build_service(config: Config, reactor: Any, environ: Mapping[str, str]) -> P
             "limiter": pipeline.limiter, "metrics": metrics, "pool": pipeline.pool,
             "inflight": resource.inflight, "cache": resource.cache,
         }
-        make_manhole_service(
+        manhole = make_manhole_service(
             config.manhole, config.manhole_keys, config.manhole_host_key, namespace, reactor
-        ).setServiceParent(root)
+        )
+        manhole.option_name = "--manhole"
+        manhole._raiseSynchronously = True
+        manhole.setServiceParent(root)
     root.notifier = Notifier(reactor, environ)
     NotifierService(root.notifier).setServiceParent(root)
     return root

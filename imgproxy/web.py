@@ -120,6 +120,10 @@ class ProxyResource(Resource):
     # -- entry ---------------------------------------------------------------------------------
 
     def render(self, request: Request) -> Any:
+        if request.path == b"/healthz" and not self.draining:
+            # Probes are neither counted nor logged: they would hide the real request rates.
+            self._respond_text(request, 200, b"ok\n")
+            return NOT_DONE_YET
         exchange = Exchange(request, self._clock.seconds(), request.method)
         if self._metrics is not None:
             self._metrics.request_started()
@@ -130,21 +134,13 @@ class ProxyResource(Resource):
         except ProxyError as e:
             self._respond_error(exchange, e)
             return NOT_DONE_YET
-        if url is None:  # /healthz
-            exchange.status = 200
-            self._respond_text(request, 200, b"ok\n")
-            return NOT_DONE_YET
         exchange.url = url
         exchange.task = ensureDeferred(self._serve(exchange))
         exchange.task.addErrback(self._unexpected, exchange)
         return NOT_DONE_YET
 
-    def _route(self, request: Request) -> bytes | None:
+    def _route(self, request: Request) -> bytes:
         path = request.path
-        if path == b"/healthz":
-            if self.draining:
-                raise Unavailable("Service Unavailable: shutting down", kind="draining")
-            return None
         if request.method not in (b"GET", b"HEAD"):
             raise MethodNotAllowed()
         if self.draining:
