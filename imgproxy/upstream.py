@@ -280,5 +280,17 @@ def request_url(url: bytes, host: bytes, port: int) -> bytes:
 
 
 def _join(base: bytes, location: bytes) -> bytes:
-    escaped = quote(location.strip(), safe=_URL_SAFE)
-    return urljoin(base.decode("ascii"), escaped).encode("ascii")
+    """Resolve a redirect's Location against the current URL.
+
+    Path and query are percent-escaped; the host is left as sent (an international name is
+    converted, or refused, by the policy check of the next hop).
+    """
+    text = location.strip().decode("utf-8", "surrogateescape")
+    parts = urlsplit(text)
+    escaped = parts._replace(
+        path=quote(parts.path, safe=_URL_SAFE, errors="surrogateescape"),
+        query=quote(parts.query, safe=_URL_SAFE, errors="surrogateescape"),
+        fragment="",
+    ).geturl()
+    joined = urljoin(base.decode("utf-8", "surrogateescape"), escaped)
+    return joined.encode("utf-8", "surrogateescape")
