@@ -135,7 +135,10 @@ class ProxyService(MultiService):
             except Exception as e:
                 option = getattr(service, "option_name", "--listen")
                 reason = e.socketError if isinstance(e, CannotListenError) else e
-                raise SystemExit(f"imageproxy: {option}: cannot listen: {reason}") from None
+                # twistd already routes sys.stderr into the log: write to the real one.
+                sys.__stderr__.write(f"imageproxy: {option}: cannot listen: {reason}\n")
+                sys.__stderr__.flush()
+                raise SystemExit(1) from None
 
     def startService(self) -> None:
         super().startService()
