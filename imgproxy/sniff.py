@@ -522,6 +522,18 @@ class _Ftyp(_Stage):
         return _admit(self.policy, fmt, _Bmff(fmt, size, self.limit))
 
 
+
+def _box_header(b: _Buf, pos: int, n: int) -> tuple[int, bytes, int] | None:
+    """An ISO-BMFF box header at ``pos``: (size, type, header length), None if not all in."""
+    if pos + 8 > n:
+        return None
+    size, kind = struct.unpack_from(">I4s", b, pos)
+    if size == 1:
+        if pos + 16 > n:
+            return None
+        return struct.unpack_from(">Q", b, pos + 8)[0], kind, 16
+    return (1 << 62 if size == 0 else size), kind, 8  # size 0: to the end of the file
+
 class _Bmff(_Stage):
     """AVIF/HEIC: walk ``meta``/``iprp``/``ipco`` for the ``ispe`` properties and take the
     largest (the primary image, or a grid's full size)."""
@@ -536,18 +548,11 @@ class _Bmff(_Stage):
         while True:
             if self.ipco_end is not None and pos >= self.ipco_end:
                 return _found(self.fmt, self.best)
-            need = pos + 8
-            if need > n:
+            box = _box_header(b, pos, n)
+            if box is None:
+                need = pos + 8 if n < pos + 8 else pos + 16
                 break
-            size, kind = struct.unpack_from(">I4s", b, pos)
-            header = 8
-            if size == 1:
-                need = pos + 16
-                if need > n:
-                    break
-                size, header = struct.unpack_from(">Q", b, pos + 8)[0], 16
-            elif size == 0:
-                size = 1 << 62  # to the end of the file
+            size, kind, header = box
             if size < header:
                 return _found(self.fmt, self.best)
             if kind == b"meta":
@@ -627,18 +632,11 @@ class _JxlContainer(_Stage):
     def step(self, b: _Buf, n: int, final: bool) -> _Step:
         pos = self.pos
         while True:
-            need = pos + 8
-            if need > n:
+            box = _box_header(b, pos, n)
+            if box is None:
+                need = pos + 8 if n < pos + 8 else pos + 16
                 break
-            size, kind = struct.unpack_from(">I4s", b, pos)
-            header = 8
-            if size == 1:
-                need = pos + 16
-                if need > n:
-                    break
-                size, header = struct.unpack_from(">Q", b, pos + 8)[0], 16
-            elif size == 0:
-                size = 1 << 62
+            size, kind, header = box
             if size < header:
                 return _found("jxl")
             if kind == b"jxlc":

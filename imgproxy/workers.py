@@ -39,19 +39,19 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
     IProtocolFactory,
+    IReadDescriptor,
     IStreamServerEndpoint,
 )
-from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -156,19 +156,6 @@ class _ReusePortReactor:
         return self.listenTCP(port, tls_factory, backlog=backlog, interface=interface)
 
 
-@implementer(IStreamServerEndpoint)
-@attrs.frozen
-class _InheritedEndpoint:
-    """A listening socket inherited from the supervisor (socket activation), adopted on listen."""
-
-    reactor: Any
-    fd: int
-    family: socket.AddressFamily
-
-    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return defer.execute(self.reactor.adoptStreamPort, self.fd, self.family, factory)
-
-
 def _endpoint_args(description: str) -> tuple[list[str], dict[str, str]]:
     """Positional and keyword arguments of ``kind:a:b=c`` (no escapes: used for ``systemd:``)."""
     args: list[str] = []
@@ -206,7 +193,8 @@ def _inherited_endpoint(
         raise ValueError(
             f"--listen {description!r}: index {index} out of range ({len(fds)} socket(s) passed)"
         )
-    return _InheritedEndpoint(reactor, fds[index], family)
+    # Made non-blocking, adopted, and the inherited descriptor closed, on listen.
+    return AdoptedStreamServerEndpoint(reactor, fds[index], family)
 
 
 def shared_endpoint(
@@ -380,7 +368,11 @@ def _describe_exit(reason: Failure) -> str:
     value = reason.value
     if isinstance(value, ProcessTerminated):
         if value.signal is not None:
-            return f"was killed by signal {value.signal}"
+            try:
+                name = signal.Signals(value.signal).name
+            except ValueError:
+                name = f"signal {value.signal}"
+            return f"ended by {name}"
         return f"exited with status {value.exitCode}"
     if isinstance(value, ProcessDone):
         return "exited with status 0"
@@ -393,7 +385,7 @@ class _Worker:
 
     index: int
     started: float
-    notify_port: Any = None  # the IListeningPort of its notification socket
+    notify: _NotifySocket | None = None
     transport: Any = None  # the IProcessTransport
     pid: int | None = None  # kept after exit (the transport forgets it)
     ready: bool = False
@@ -429,20 +421,67 @@ class _WorkerProtocol(ProcessProtocol):
         self._supervisor._ended(self._worker, reason)
 
 
-class _NotifyProtocol(DatagramProtocol):
-    """Receives one worker's sd_notify datagrams."""
+def _parse_notify(datagram: bytes) -> dict[str, str]:
+    """The ``KEY=VALUE`` fields of one sd_notify datagram."""
+    return dict(
+        line.split("=", 1)
+        for line in datagram.decode("utf-8", "replace").split("\n")
+        if "=" in line
+    )
 
-    def __init__(self, supervisor: Supervisor, worker: _Worker) -> None:
-        self._supervisor = supervisor
-        self._worker = worker
 
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        fields = dict(
-            line.split("=", 1)
-            for line in datagram.decode("utf-8", "replace").split("\n")
-            if "=" in line
-        )
-        self._supervisor._notified(self._worker, fields)
+@implementer(IReadDescriptor)
+class _NotifySocket:
+    """A worker's private sd_notify socket: an ``AF_UNIX`` datagram socket in the supervisor's
+    0700 runtime directory, read by the reactor (Twisted's own datagram port logs three lines
+    per socket)."""
+
+    def __init__(
+        self, reactor: Any, path: str, on_message: Callable[[dict[str, str]], None]
+    ) -> None:
+        self._reactor = reactor
+        self.path = path
+        self._on_message = on_message
+        self._socket: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self._socket.setblocking(False)
+            self._socket.bind(path)
+        except OSError:
+            self._socket.close()
+            raise
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return self._socket.fileno() if self._socket is not None else -1
+
+    def doRead(self) -> None:
+        while self._socket is not None:
+            try:
+                datagram = self._socket.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warn("supervisor: notify socket: {error}", error=e.strerror)
+                return
+            self._on_message(_parse_notify(datagram))
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.close()
+
+    def logPrefix(self) -> str:
+        return "sd_notify"
+
+    def close(self) -> None:
+        """Stop reading, close the socket and remove its file."""
+        if self._socket is None:
+            return
+        self._reactor.removeReader(self)
+        self._socket.close()
+        self._socket = None
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
 
 
 def _hard_exit(status: int) -> None:
@@ -474,6 +513,8 @@ class Supervisor(Service):
         systemd ones (``$LISTEN_FDS`` when ``$LISTEN_PID`` is this process).
     :param notifier: reports to systemd; by default built from ``environ``.
     :param handle_sighup: install a SIGHUP handler that forwards the signal to the workers.
+    :param log_observer: made the log observer of twistd's application (as the proxy's root
+        service does), so the supervisor's lines look like the workers'.
     """
 
     name = "supervisor"
@@ -495,6 +536,7 @@ class Supervisor(Service):
         listen_fds: Sequence[int] | None = None,
         notifier: Notifier | None = None,
         handle_sighup: bool = True,
+        log_observer: ILogObserver | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("--workers: must be at least 1")
@@ -512,6 +554,7 @@ class Supervisor(Service):
         self._listen_fds = list(listen_fds) if listen_fds is not None else self._systemd_fds()
         self._notifier = notifier if notifier is not None else Notifier(reactor, environ)
         self._handle_sighup = handle_sighup
+        self._observer = log_observer
         self._slots = [_Slot(index) for index in range(workers)]
         self._runtime_dir: str | None = None
         self._spawned = 0
@@ -537,6 +580,11 @@ class Supervisor(Service):
             for slot in self._slots
             if slot.worker is not None and slot.worker.pid is not None
         }
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self._observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self._observer)
+        super().setServiceParent(parent)
 
     # -- starting --------------------------------------------------------------------------
 
@@ -594,16 +642,16 @@ class Supervisor(Service):
         for i, fd in enumerate(self._listen_fds):
             child_fds[_FIRST_LISTEN_FD + i] = fd
         try:
-            worker.notify_port = self._reactor.listenUNIXDatagram(
-                notify_path, _NotifyProtocol(self, worker), mode=0o600
+            worker.notify = _NotifySocket(
+                self._reactor, notify_path, lambda fields: self._notified(worker, fields)
             )
             worker.transport = self._reactor.spawnProcess(
                 _WorkerProtocol(self, worker), self.argv[0], self.argv,
                 env=self._worker_env(slot.index, notify_path), childFDs=child_fds,
             )
         except Exception as e:
-            if worker.notify_port is not None:
-                worker.notify_port.stopListening()
+            if worker.notify is not None:
+                worker.notify.close()
             log.critical("supervisor: cannot start worker {index}: {error}",
                          index=slot.index, error=str(e))
             self._give_up()
@@ -655,9 +703,9 @@ class Supervisor(Service):
         slot = self._slots[worker.index]
         if slot.worker is worker:
             slot.worker = None
-        if worker.notify_port is not None:
-            worker.notify_port.stopListening()
-            worker.notify_port = None
+        if worker.notify is not None:
+            worker.notify.close()
+            worker.notify = None
         how = _describe_exit(reason)
         if self._stopping:
             log.info("supervisor: worker {index} (pid {pid}) {how}",
@@ -666,8 +714,11 @@ class Supervisor(Service):
             return
         now = self._reactor.seconds()
         uptime = now - worker.started
-        log.error("supervisor: worker {index} (pid {pid}) {how} after {uptime:.1f}s",
-                  index=worker.index, pid=worker.pid, how=how, uptime=uptime)
+        graceful = worker.stopping and not worker.killed  # it said STOPPING=1: someone stopped it
+        (log.info if graceful else log.error)(
+            "supervisor: worker {index} (pid {pid}) {how} after {uptime:.1f}s",
+            index=worker.index, pid=worker.pid, how=how, uptime=uptime,
+        )
         if self.failed:
             return
         if not self.ready:
@@ -675,7 +726,10 @@ class Supervisor(Service):
                          "giving up")
             self._give_up()
             return
-        slot.rapid_failures = slot.rapid_failures + 1 if uptime < self.min_uptime else 0
+        if uptime >= self.min_uptime:
+            slot.rapid_failures = 0
+        elif not graceful:
+            slot.rapid_failures += 1
         if slot.rapid_failures > self.max_rapid_failures:
             log.critical(
                 "supervisor: worker {index} failed {count} times in a row within {uptime:.0f}s"
