@@ -34,6 +34,18 @@ from imgproxy.sniff import DEFAULT_FORMATS, FORMATS, SniffPolicy
 from imgproxy.upstream import Fetcher, FetchPolicy
 from imgproxy.urls import Signer
 from imgproxy.web import VIA_TOKEN, ProxyResource, ResponsePolicy
+from imgproxy.workers import (
+    ParentWatch,
+    Supervisor,
+    check_shareable,
+    options_argv,
+    share_limits,
+    shared_endpoint,
+    supervisor_pid,
+    worker_argv,
+    worker_endpoint,
+    worker_index,
+)
 
 log = Logger()
 
@@ -88,12 +100,34 @@ del _option, _default, _doc
 
 
 def makeService(options: Options) -> IService:
-    """Build the service tree from parsed options (twistd calls this)."""
+    """Build the service tree from parsed options (twistd calls this).
+
+    With ``--workers N`` (N > 1) this process becomes a supervisor of N worker processes that
+    share the listening sockets; each worker runs the whole pipeline with its share of the
+    per-host limits.
+    """
     from twisted.internet import reactor
 
-    assert options.config is not None
+    config = options.config
+    assert config is not None
     try:
-        return build_service(options.config, reactor, os.environ)
+        if config.workers > 1:
+            for description in config.listen:
+                check_shareable(description)
+            index = worker_index(os.environ)
+            if index is None:
+                return Supervisor(
+                    reactor, config.workers, worker_argv(options_argv(options.given)),
+                    os.environ, stop_timeout=config.drain_timeout + 5,
+                    log_observer=make_observer(
+                        parse_level(config.log_level), config.log_format, sys.stdout),
+                )
+            config = attrs.evolve(
+                share_limits(config, config.workers),
+                metrics=config.metrics and worker_endpoint(config.metrics, index),
+                manhole=config.manhole and worker_endpoint(config.manhole, index),
+            )
+        return build_service(config, reactor, os.environ)
     except (ConfigError, ValueError) as e:
         raise SystemExit(f"imageproxy: {e}") from None
 
@@ -306,11 +340,18 @@ def _watch(
 
 
 def _listener(
-    reactor: Any, option: str, description: str, factory: Any
+    reactor: Any, option: str, description: str, factory: Any,
+    environ: Mapping[str, str] | None = None,
 ) -> StreamServerEndpointService:
-    """A listening service for an endpoint string; errors name ``option``."""
+    """A listening service for an endpoint string; errors name ``option``.
+
+    With ``environ`` (a worker of ``--workers``) the socket is shared with the other workers.
+    """
     try:
-        endpoint = serverFromString(reactor, description)
+        endpoint = (
+            serverFromString(reactor, description) if environ is None
+            else shared_endpoint(reactor, description, environ)
+        )
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{option}: {description!r}: {e}") from None
     except IndexError:
@@ -330,8 +371,10 @@ def build_service(config: Config, reactor: Any, environ: Mapping[str, str]) -> P
     resource, metrics = pipeline.resource, pipeline.metrics
     site = QuietSite(resource, reactor=reactor)  # our own access log replaces the Site's
     root = ProxyService(config, reactor, resource, pipeline.pool, observer)
+    index = worker_index(environ) if config.workers > 1 else None
     for description in config.listen:
-        listener = _listener(reactor, "--listen", description, site)
+        listener = _listener(
+            reactor, "--listen", description, site, None if index is None else environ)
         listener.setServiceParent(root)
         root.listeners.append(listener)
     if config.metrics:
@@ -354,6 +397,9 @@ def build_service(config: Config, reactor: Any, environ: Mapping[str, str]) -> P
         manhole.option_name = "--manhole"
         manhole._raiseSynchronously = True
         manhole.setServiceParent(root)
+    parent = supervisor_pid(environ) if index is not None else None
+    if parent is not None:
+        ParentWatch(reactor, parent, reactor.stop).setServiceParent(root)
     root.notifier = Notifier(reactor, environ)
     NotifierService(root.notifier).setServiceParent(root)
     return root
