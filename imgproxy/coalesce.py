@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from imgproxy.relay import ClientGone, Cut, abort_connection
+from imgproxy.relay import ClientGone, Cut, abort_connection, limit_write_buffer
 
 Header = tuple[bytes, bytes]
 
@@ -148,6 +148,7 @@ class FollowerProducer:
         self.done: Deferred[int] = Deferred(lambda _: self.stopProducing())
 
     def start(self) -> None:
+        limit_write_buffer(self._request)
         self._request.registerProducer(self, True)
         self._shared.on_data(self._pump)
         self._pump()

@@ -22,6 +22,10 @@ from twisted.web.server import Request
 from imgproxy.errors import ProxyError, TooLarge, UpstreamError, UpstreamTimeout
 from imgproxy.sniff import Sniffed, Sniffer
 
+# Bytes the client's socket transport may buffer before it pauses the upstream (Twisted's
+# default is 64 KiB). Smaller means less memory per slow client, at a few more wake-ups.
+CLIENT_BUFFER = 16384
+
 
 class ClientGone(Exception):
     """The client went away."""
@@ -155,6 +159,7 @@ class Relay(Protocol):
         self._rearm(self._idle_timeout)
         if self._headless:
             return
+        limit_write_buffer(self._request)
         self._request.registerProducer(self.transport, True)
         for chunk in pending:
             self.sent += len(chunk)
@@ -215,6 +220,13 @@ class Cut(Exception):
         super().__init__(str(cause))
         self.cause = cause
         self.sent = sent
+
+
+def limit_write_buffer(request: Request) -> None:
+    """Make the client's socket transport pause its producer at :data:`CLIENT_BUFFER`."""
+    transport = request.channel.transport if request.channel is not None else None
+    if transport is not None and hasattr(transport, "socket"):
+        transport.bufferSize = CLIENT_BUFFER
 
 
 def abort_connection(request: Request) -> None:

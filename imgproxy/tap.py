@@ -20,7 +20,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from imgproxy import __version__
 from imgproxy.cache import Cache
@@ -31,7 +31,7 @@ from imgproxy.netpolicy import AddressPolicy, HostPolicy, PolicyEndpointFactory,
 from imgproxy.ratelimit import HostLimiter, HostOverride, Limits
 from imgproxy.sdnotify import Notifier, NotifierService
 from imgproxy.sniff import DEFAULT_FORMATS, FORMATS, SniffPolicy
-from imgproxy.upstream import Fetcher, FetchPolicy
+from imgproxy.upstream import Fetcher, FetchPolicy, UpstreamClientFactory
 from imgproxy.urls import Signer
 from imgproxy.web import VIA_TOKEN, ProxyResource, ResponsePolicy
 from imgproxy.workers import (
@@ -222,12 +222,6 @@ class ProxyService(MultiService):
         yield super().stopService()
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """The pool's connection factory, without a log line per upstream connection."""
-
-    noisy = False
-
-
 @attrs.frozen
 class Pipeline:
     """The wired request path and the live objects operators inspect."""
@@ -244,7 +238,7 @@ def build_pipeline(
     """Wire every module of the request path, one direction: web -> urls -> policy -> limiter
     -> upstream -> sniffer -> relay. ``resolver`` defaults to the reactor's."""
     pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory
+    pool._factory = UpstreamClientFactory
     pool.maxPersistentPerHost = config.max_inflight_per_host
     pool.cachedConnectionTimeout = 30
     endpoints = PolicyEndpointFactory(
