@@ -24,7 +24,7 @@ from imgproxy.sniff import Sniffed, Sniffer
 
 # Bytes the client's socket transport may buffer before it pauses the upstream (Twisted's
 # default is 64 KiB). Smaller means less memory per slow client, at a few more wake-ups.
-CLIENT_BUFFER = 16384
+CLIENT_BUFFER = 8192
 
 
 class ClientGone(Exception):

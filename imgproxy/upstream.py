@@ -50,7 +50,7 @@ _DRAIN_LIMIT = 65536  # error bodies up to this size are read (keeps the connect
 # Bytes read from an origin socket at once. With a paused client, what the proxy holds per
 # relay is about one read plus the client's write buffer (relay.CLIENT_BUFFER); Twisted's default
 # of 64 KiB each doubled that.
-UPSTREAM_READ_SIZE = 32768
+UPSTREAM_READ_SIZE = 65536
 
 
 class UpstreamClientFactory(_HTTP11ClientFactory):
