@@ -8,6 +8,7 @@ permit to release when the body is done, and the deadline for the first body byt
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
@@ -207,13 +208,11 @@ class Fetcher:
         headers = self.headers(conditional)
         for hop in range(self._policy.max_redirects + 1):
             try:
-                _, host, port = self._host_policy.check_url(url)
+                url, key = _hop_target(self._host_policy, url)
             except BadRequest as e:
                 if hop == 0:
                     raise
                 raise UpstreamError(f"Bad Gateway: bad redirect ({e.reason})", kind="bad-redirect")
-            url = request_url(url, host, port)
-            key = host_key(host, port)
             if on_hop is not None:
                 on_hop(key)
             permit = await self._limiter.acquire(key)
@@ -294,6 +293,16 @@ class Fetcher:
 # Characters left as they are when percent-encoding a URL: RFC 3986 reserved and unreserved,
 # and "%" so that existing escapes survive. Everything else (controls, space, non-ASCII) is escaped.
 _URL_SAFE = "!#$%&'()*+,-./:;=?@[]~_"
+
+
+@functools.lru_cache(maxsize=4096)
+def _hop_target(host_policy: HostPolicy, url: bytes) -> tuple[bytes, str]:
+    """The URL checked by the name policy and rebuilt for the wire, and its limiter key.
+
+    Memoised: popular images are asked for again and again (refusals raise, and are not kept).
+    """
+    _, host, port = host_policy.check_url(url)
+    return request_url(url, host, port), host_key(host, port)
 
 
 def request_url(url: bytes, host: bytes, port: int) -> bytes:

@@ -22,6 +22,7 @@ _HEX_DIGEST_LEN = 40  # SHA-1
 _B64_DIGEST_LEN = 27  # 20 bytes, unpadded base64url
 _HEX_CHARS = frozenset(b"0123456789abcdefABCDEF")
 _MAX_URL = 8192
+_VERIFIED_MAX = 4096
 
 
 class Signer:
@@ -32,6 +33,8 @@ class Signer:
             raise ValueError("at least one key is needed")
         # Keyed HMAC objects are built once; each use copies one (cheaper than re-keying).
         self._macs = tuple(hmac.new(key, digestmod=hashlib.sha1) for key in keys)
+        # Proxy paths already verified with these keys (popular images repeat); bounded.
+        self.verified: dict[tuple[bytes, bytes | None], bytes] = {}
 
     def digest(self, url: bytes) -> bytes:
         """The raw signing digest of ``url`` with the first key."""
@@ -89,6 +92,17 @@ def decode(path: bytes, query_url: bytes | None, signer: Signer) -> bytes:
     :raises BadRequest: the path or its encoding is malformed.
     :raises BadSignature: the digest does not match under any key.
     """
+    known = signer.verified.get((path, query_url))
+    if known is not None:
+        return known
+    url = _decode(path, query_url, signer)
+    if len(signer.verified) >= _VERIFIED_MAX:
+        signer.verified.clear()
+    signer.verified[(path, query_url)] = url
+    return url
+
+
+def _decode(path: bytes, query_url: bytes | None, signer: Signer) -> bytes:
     parts = path.split(b"/")
     if len(parts) == 3 and parts[2]:
         encoded = parts[2].split(b".", 1)[0]

@@ -156,3 +156,18 @@ def test_sign_command_without_key(monkeypatch, capsys):
         main(["sign", "http://example.com/a.png"])
     assert e.value.code == 2
     assert "--key-file" in capsys.readouterr().err
+
+
+def test_verified_paths_memoised_and_bounded():
+    """Verified paths are remembered (bounded); refused ones never are."""
+    from imgproxy import urls
+
+    signer = Signer((KEY,))
+    for i in range(urls._VERIFIED_MAX + 10):
+        target = URL + b"&n=%d" % i
+        assert decode(signer.hex_path(target).encode(), None, signer) == target
+    assert 0 < len(signer.verified) <= urls._VERIFIED_MAX
+    forged = Signer((b"other",)).hex_path(URL).encode()
+    with pytest.raises(BadSignature):
+        decode(forged, None, signer)
+    assert (forged, None) not in signer.verified
