@@ -237,7 +237,9 @@ class ProxyResource(Resource):
                 if refreshed is not None:
                     self._serve_entry(exchange, refreshed, "REVALIDATED", conditional)
                     return
-                raise UpstreamError("Bad Gateway: revalidation failed", kind="status")
+                # The entry went away (evicted) or the 304 did not match it: ask in full.
+                await self._fetch_and_relay(exchange, key, None, conditional, shared)
+                return
             await self._relay(exchange, upstream, key, request_time, shared)
         except ProxyError as e:
             self._count_error(e)

@@ -197,3 +197,22 @@ async def test_leader_leaving_keeps_followers(origin, make_proxy, client_pool):
     assert (response.code, body) == (200, JPEG)
     assert header(response, "x-cache") == "COALESCED"
     assert len(origin.resource.seen) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_mismatched_revalidation_refetches(origin, proxy, client_pool):
+    """A 304 whose validators do not match the stale entry leads to a full, unconditional fetch."""
+
+    def handler(request):
+        if request.getHeader(b"if-none-match"):
+            request.setResponseCode(304)
+            request.setHeader(b"etag", b'"other"')
+            return b""
+        return image(JPEG, cache_control=b"max-age=0", etag=b'"e1"')(request)
+
+    url = origin.route("/a.jpg", handler)
+    await get(client_pool, proxy.url(url))
+    response, body = await get(client_pool, proxy.url(url))
+    assert (response.code, body) == (200, JPEG)
+    assert [s.headers.get(b"If-None-Match") for s in origin.resource.seen] == [
+        None, [b'"e1"'], None]
