@@ -72,11 +72,6 @@ class Relay(Protocol):
             max(deadline - clock.seconds(), 0), self._on_timer
         )
 
-    @property
-    def started(self) -> bool:
-        """Whether the response headers went to the client."""
-        return self._pending is None
-
     # -- upstream side -------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:

@@ -227,7 +227,7 @@ class ProxyResource(Resource):
         except CancelledError:
             return  # the client went away while we waited
         if self._metrics is not None:
-            self._metrics.upstream_fetched(self._clock.seconds() - exchange.started)
+            self._metrics.upstream_fetched(self._clock.seconds() - request_time)
         try:
             if entry is not None and upstream.status == 304:
                 discard(upstream.response)
