@@ -55,7 +55,7 @@ class Relay(Protocol):
         self._clock = clock
         self._request = request
         self._sniffer = sniffer
-        self._start = start
+        self._start: Callable[[Sniffed], None] | None = start
         self._max_size = max_size
         self._idle_timeout = idle_timeout
         self._tee = tee
@@ -144,8 +144,9 @@ class Relay(Protocol):
     def _begin(self, sniffed: Sniffed) -> None:
         pending, self._pending = self._pending, None
         assert pending is not None
+        start, self._start = self._start, None  # (the callback may hold this relay: no cycle)
         try:
-            self._start(sniffed)
+            start(sniffed)
         except ProxyError as e:
             self._pending = pending
             self._fail(e)

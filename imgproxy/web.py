@@ -269,6 +269,8 @@ class ProxyResource(Resource):
         source = _flat_headers(upstream)
         capture = _Capture(self.cache.max_object) if self.cache is not None else None
 
+        own_reader: list[FollowerProducer | None] = [None]  # this client's reader when shared
+
         def start(sniffed: Sniffed) -> None:
             headers = self._client_headers(
                 source, sniffed.content_type,
@@ -284,15 +286,15 @@ class ProxyResource(Resource):
                     relay.go_headless()
                     if request.channel is not None:
                         shared.join()
-                        exchange.follower = FollowerProducer(request, shared)
+                        exchange.follower = own_reader[0] = FollowerProducer(request, shared)
                 else:
                     shared.stop(Detached("not shared"))
             if request.channel is not None:
                 self._send_head(exchange, 200, headers)
                 if self._metrics is not None:
                     self._metrics.first_byte(self._clock.seconds() - exchange.started)
-                if exchange.follower is not None:
-                    exchange.follower.start()
+                if own_reader[0] is not None:
+                    own_reader[0].start()
 
         tee = None
         if shared is not None or capture is not None:
@@ -327,8 +329,8 @@ class ProxyResource(Resource):
                 shared.stop(e.cause)
             if isinstance(e.cause, ProxyError):
                 self._count_error(e.cause)
-            if exchange.follower is not None:
-                await self._stream_shared(exchange, exchange.follower)
+            if own_reader[0] is not None:
+                await self._stream_shared(own_reader[0])
             return
         except ClientGone:
             return
@@ -339,10 +341,10 @@ class ProxyResource(Resource):
                 key, upstream.url, _hostname(upstream.url), 200, source,
                 b"".join(capture.chunks), request_time, self._clock.seconds(),
             )
-        if exchange.follower is not None:
-            await self._stream_shared(exchange, exchange.follower)
+        if own_reader[0] is not None:
+            await self._stream_shared(own_reader[0])
 
-    async def _stream_shared(self, exchange: Exchange, producer: FollowerProducer) -> None:
+    async def _stream_shared(self, producer: FollowerProducer) -> None:
         try:
             await producer.done
         except Cut:
@@ -360,9 +362,9 @@ class ProxyResource(Resource):
             return
         exchange.cache = "COALESCED"
         self._send_head(exchange, head.status, head.headers)
-        exchange.follower = FollowerProducer(exchange.request, shared)
-        exchange.follower.start()
-        await self._stream_shared(exchange, exchange.follower)
+        exchange.follower = producer = FollowerProducer(exchange.request, shared)
+        producer.start()
+        await self._stream_shared(producer)
 
     def _serve_entry(
         self, exchange: Exchange, entry: Entry, cache_status: str,
@@ -508,6 +510,8 @@ class ProxyResource(Resource):
                 url=exchange.url, client_ip=_client_ip(exchange.request), kind=exchange.kind,
                 cache=exchange.cache,
             )
+        # Break the exchange's reference cycles now rather than leave them to the collector.
+        exchange.relay = exchange.follower = exchange.shared = exchange.task = None
         if self.draining and not self.inflight:
             waiting, self._drained = self._drained, []
             for d in waiting:
