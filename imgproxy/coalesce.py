@@ -104,6 +104,7 @@ class SharedBody:
     def finish(self) -> None:
         """The body is complete."""
         self.complete = True
+        self.on_abandoned = None
         self._wake()
 
     def stop(self, error: Exception) -> None:
@@ -112,6 +113,7 @@ class SharedBody:
             return
         self.error = error
         self.chunks = []
+        self.on_abandoned = None
         waiters, self._head_waiters = self._head_waiters, []
         for d in waiters:
             d.errback(Failure(error))

@@ -58,8 +58,9 @@ class Relay(Protocol):
         self._start: Callable[[Sniffed], None] | None = start
         self._max_size = max_size
         self._idle_timeout = idle_timeout
-        self._tee = tee
-        self._keep_going = keep_going  # asked when the client leaves: others still need the body?
+        self._tee: Callable[[bytes], None] | None = tee
+        # Asked when the client leaves: do others (coalesced followers) still need the body?
+        self._keep_going: Callable[[], bool] | None = keep_going
         self._headless = False
         self._pending: list[bytes] | None = []  # chunks held until the sniffer decides
         self._received = 0
@@ -167,7 +168,13 @@ class Relay(Protocol):
         if not self._headless:
             self._request.unregisterProducer()
             self._request.finish()
+        self._release()
         self.done.callback(self.sent)
+
+    def _release(self) -> None:
+        """Drop references that would keep this relay and its buffers in reference cycles."""
+        self.transport = None
+        self._tee = self._keep_going = self._start = None
 
     def _fail(
         self, error: Exception, abort_upstream: bool = True, abort_client: bool = True
@@ -186,6 +193,7 @@ class Relay(Protocol):
             if abort_client:
                 abort_connection(self._request)
             error = Cut(error, self.sent)
+        self._release()
         self.done.errback(Failure(error))
 
     def _on_timer(self) -> None:
