@@ -27,11 +27,12 @@ run: $(STAMP) $(DEV_KEY)
 		https://upload.wikimedia.org/wikipedia/commons/4/47/PNG_transparency_demonstration_1.png
 	$(BIN)/twistd --nodaemon --pidfile= imageproxy --config etc/dev.ini --key-file $(DEV_KEY)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check imgproxy twisted tests bench
+	$(BIN)/mypy imgproxy
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -200,7 +200,7 @@ class _Shell:
         self._channel: SSHChannel = proto.session
         self.protocol = protocol
         self.ended = False
-        protocol.makeConnection(_Transport(self._output, self.end, proto))
+        protocol.makeConnection(_Transport(self._output, self.end, proto))  # type: ignore[arg-type]
         proto.makeConnection(_Transport(protocol.dataReceived, self._closed, proto))
 
     def _output(self, data: bytes | str) -> None:
@@ -216,6 +216,7 @@ class _Shell:
             return
         self.ended = True
         conn = self._channel.conn
+        assert conn is not None
         conn.sendRequest(self._channel, b"exit-status", struct.pack(">L", status))
         # SSHChannel.loseConnection closes only after the channel's buffer is sent; the
         # SSHSession override would also call back into _closed, which is not needed here.
@@ -350,7 +351,8 @@ class _ManholeSession(manhole_ssh.TerminalSession):
         if self._pty:
             terminal = insults.ServerProtocol(ColoredManhole, self.namespace)
             self._shell = _Shell(proto, terminal)
-            terminal.terminalProtocol.terminalSize(self.width, self.height)
+            terminal.terminalProtocol.terminalSize(  # type: ignore[attr-defined]
+                self.width, self.height)
         else:
             self._shell = _Shell(proto, _LineManhole(self.namespace))
 
@@ -388,7 +390,8 @@ class _ManholeSession(manhole_ssh.TerminalSession):
         self._resize(newWindowSize)
         shell = self._shell
         if shell is not None and isinstance(shell.protocol, insults.ServerProtocol):
-            shell.protocol.terminalProtocol.terminalSize(self.width, self.height)
+            shell.protocol.terminalProtocol.terminalSize(  # type: ignore[attr-defined]
+                self.width, self.height)
 
     def eofReceived(self) -> None:
         shell = self._shell
@@ -425,7 +428,7 @@ class _ManholeRealm(manhole_ssh.TerminalRealm):
 
     def _getAvatar(self, avatarId: bytes) -> Any:
         user = super()._getAvatar(avatarId)
-        session = ISession(user.original)
+        session: Any = ISession(user.original)
         session.namespace = self._namespace
         session.reactor = self._reactor
         return user
@@ -455,9 +458,9 @@ def make_manhole_service(
     key = _load_host_key(host_key)
     check_authorized_keys(authorized_keys)
     checker = SSHPublicKeyChecker(_AuthorizedKeysFile(authorized_keys))
-    portal = Portal(_ManholeRealm(namespace, reactor), [checker])
+    portal = Portal(_ManholeRealm(namespace, reactor), [checker])  # type: ignore[arg-type]
     factory = manhole_ssh.ConchFactory(portal)
     # Class-level dicts in Twisted: give this factory its own.
-    factory.publicKeys = {key.sshType(): key.public()}
-    factory.privateKeys = {key.sshType(): key}
+    factory.publicKeys = {key.sshType(): key.public()}  # type: ignore[dict-item]
+    factory.privateKeys = {key.sshType(): key}  # type: ignore[dict-item]
     return strports_service(listen, factory, reactor=reactor)

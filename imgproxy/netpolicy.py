@@ -607,9 +607,9 @@ class _PolicyEndpoint:
         """
         resolver = _FilteringResolver(self._resolver, self._policy)
         reactor = _FilteringReactor(self._reactor, resolver)
-        options = {} if self._connect_timeout is None else {"timeout": self._connect_timeout}
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            reactor, self._host, self._port, **options
+            reactor, self._host, self._port,
+            timeout=30 if self._connect_timeout is None else self._connect_timeout,
         )
         if self._tls_creator is not None:
             endpoint = wrapClientTLS(self._tls_creator, endpoint)

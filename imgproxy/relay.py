@@ -10,6 +10,7 @@ the image size. Any failure on either side tears down both.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -38,6 +39,8 @@ class Relay(Protocol):
     :class:`ProxyError` (or :class:`ClientGone`) when nothing was sent yet, so the caller can
     still answer with an error, or with :class:`Cut` when the response had started.
     """
+
+    transport: Any  # the response body's transport: a push producer (pause/resume/stop)
 
     def __init__(
         self,
@@ -146,6 +149,7 @@ class Relay(Protocol):
         pending, self._pending = self._pending, None
         assert pending is not None
         start, self._start = self._start, None  # (the callback may hold this relay: no cycle)
+        assert start is not None
         try:
             start(sniffed)
         except ProxyError as e:
@@ -228,7 +232,7 @@ class Cut(Exception):
 
 def limit_write_buffer(request: Request) -> None:
     """Make the client's socket transport pause its producer at :data:`CLIENT_BUFFER`."""
-    transport = request.channel.transport if request.channel is not None else None
+    transport: Any = request.channel.transport if request.channel is not None else None
     if transport is not None and hasattr(transport, "socket"):
         transport.bufferSize = CLIENT_BUFFER
 
@@ -236,5 +240,6 @@ def limit_write_buffer(request: Request) -> None:
 def abort_connection(request: Request) -> None:
     """Abort the client connection (RST), so a cut response cannot pass as complete."""
     channel = request.channel
-    if channel is not None and channel.transport is not None:
-        channel.transport.abortConnection()
+    transport: Any = channel.transport if channel is not None else None
+    if transport is not None:
+        transport.abortConnection()

@@ -171,8 +171,9 @@ class ProxyService(MultiService):
                 option = getattr(service, "option_name", "--listen")
                 reason = e.socketError if isinstance(e, CannotListenError) else e
                 # twistd already routes sys.stderr into the log: write to the real one.
-                sys.__stderr__.write(f"imageproxy: {option}: cannot listen: {reason}\n")
-                sys.__stderr__.flush()
+                stderr = sys.__stderr__ or sys.stderr
+                stderr.write(f"imageproxy: {option}: cannot listen: {reason}\n")
+                stderr.flush()
                 raise SystemExit(1) from None
 
     def startService(self) -> None:
@@ -392,7 +393,7 @@ def build_service(config: Config, reactor: Any, environ: Mapping[str, str]) -> P
             "limiter": pipeline.limiter, "metrics": metrics, "pool": pipeline.pool,
             "inflight": resource.inflight, "cache": resource.cache,
         }
-        manhole = make_manhole_service(
+        manhole: Any = make_manhole_service(
             config.manhole, config.manhole_keys, config.manhole_host_key, namespace, reactor
         )
         manhole.option_name = "--manhole"

@@ -71,7 +71,7 @@ class UpstreamClientFactory(_HTTP11ClientFactory):
                 socket_transport.bufferSize = UPSTREAM_READ_SIZE
             make_connection(transport)
 
-        protocol.makeConnection = makeConnection
+        protocol.makeConnection = makeConnection  # type: ignore[method-assign]
         return protocol
 
 
@@ -97,6 +97,8 @@ class Upstream:
 
 class _Discard(Protocol):
     """Reads a small body to its end (so the connection returns to the pool), or aborts."""
+
+    transport: Any  # the response body's transport (a push producer)
 
     def __init__(self, abort: bool) -> None:
         self._abort = abort

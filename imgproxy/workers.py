@@ -517,7 +517,7 @@ class Supervisor(Service):
         service does), so the supervisor's lines look like the workers'.
     """
 
-    name = "supervisor"
+    name = "supervisor"  # type: ignore[assignment]
 
     def __init__(
         self,
