@@ -5,6 +5,8 @@ import hashlib
 import hmac
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imgproxy.__main__ import main
 from imgproxy.errors import BadRequest, BadSignature
@@ -171,3 +173,24 @@ def test_verified_paths_memoised_and_bounded():
     with pytest.raises(BadSignature):
         decode(forged, None, signer)
     assert (forged, None) not in signer.verified
+
+
+@settings(max_examples=500, deadline=None)
+@given(path=st.binary(max_size=200), query=st.one_of(st.none(), st.binary(max_size=100)))
+def test_decode_never_crashes(path, query):
+    """Any path and query either decode to a URL or raise a client error, never anything else."""
+    from imgproxy.errors import ProxyError
+
+    try:
+        decode(b"/" + path, query, Signer((KEY,)))
+    except ProxyError as e:
+        assert e.status in (400, 403)
+
+
+@settings(max_examples=200, deadline=None)
+@given(url=st.binary(min_size=1, max_size=300))
+def test_any_signed_target_round_trips(url):
+    """Whatever bytes are signed, every format decodes them back exactly."""
+    signer = Signer((KEY,))
+    for form in ("hex_path", "base64_path"):
+        assert decode(getattr(signer, form)(url).encode(), None, signer) == url
