@@ -48,31 +48,10 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _DRAIN_LIMIT = 65536  # error bodies up to this size are read (keeps the connection pooled)
 
 
-# Bytes read from an origin socket at once. With a paused client, what the proxy holds per
-# relay is about one read plus the client's write buffer (relay.CLIENT_BUFFER); Twisted's default
-# of 64 KiB each doubled that.
-UPSTREAM_READ_SIZE = 65536
-
-
 class UpstreamClientFactory(_HTTP11ClientFactory):
-    """The pool's connection factory: no log line per connection, a bounded read size."""
+    """The pool's connection factory, without a log line per upstream connection."""
 
     noisy = False
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        make_connection = protocol.makeConnection
-
-        def makeConnection(transport: Any) -> None:
-            socket_transport = transport
-            while socket_transport is not None and not hasattr(socket_transport, "socket"):
-                socket_transport = getattr(socket_transport, "transport", None)  # under TLS
-            if socket_transport is not None:
-                socket_transport.bufferSize = UPSTREAM_READ_SIZE
-            make_connection(transport)
-
-        protocol.makeConnection = makeConnection  # type: ignore[method-assign]
-        return protocol
 
 
 @attrs.define
