@@ -178,10 +178,10 @@ class ProxyService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        # Requests leave cyclic garbage (Deferreds, protocols) that the collector must find;
-        # with the default thresholds it scans often and re-scans every long-lived object.
-        # Startup objects go to the permanent generation and collections come less often
-        # (measured: about 8% less CPU per small request).
+        # Each request allocates many short-lived containers; with the default thresholds the
+        # collector runs every 700 of them and keeps re-scanning long-lived objects. Startup
+        # objects go to the permanent generation and collections come less often (measured:
+        # about 8% less CPU per small request; requests leave no cyclic garbage to wait for).
         gc.freeze()
         gc.set_threshold(5000, 20, 20)
         if hasattr(signal, "SIGHUP"):
