@@ -11,6 +11,7 @@ on their own and the leader keeps plain backpressure.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -29,6 +30,12 @@ class Head:
 
     status: int
     headers: Sequence[Header]
+
+
+def _untraced(error: Exception) -> Exception:
+    """A copy of ``error`` without its traceback, for each reader to raise on its own: one
+    shared, raised exception would tie every reader's frames into a reference cycle."""
+    return copy.copy(error).with_traceback(None)
 
 
 class Detached(Exception):
@@ -62,7 +69,7 @@ class SharedBody:
         if self._head is not None:
             d.callback(self._head)
         elif self.error is not None:
-            d.errback(Failure(self.error))
+            d.errback(Failure(_untraced(self.error)))
         else:
             self._head_waiters.append(d)
         return d
@@ -111,12 +118,12 @@ class SharedBody:
         """The fetch failed or cannot be shared: waiting followers get ``error``."""
         if self.error is not None or self.complete:
             return
-        self.error = error
+        self.error = _untraced(error)
         self.chunks = []
         self.on_abandoned = None
         waiters, self._head_waiters = self._head_waiters, []
         for d in waiters:
-            d.errback(Failure(error))
+            d.errback(Failure(_untraced(error)))
         self._wake()
 
     def on_data(self, reader: Callable[[], None]) -> None:
@@ -146,7 +153,7 @@ class FollowerProducer:
         self._paused = False
         self._stopped = False
         self.sent = 0
-        self.error: Exception | None = None  # why the stream broke off, if it did
+        self.error_kind: str | None = None  # why the stream broke off, if it did
         self.done: Deferred[int] = Deferred(lambda _: self.stopProducing())
 
     def start(self) -> None:
@@ -197,5 +204,6 @@ class FollowerProducer:
             return
         if abort:
             abort_connection(self._request)
-        self.error = error.cause if isinstance(error, Cut) else error
+        cause = error.cause if isinstance(error, Cut) else error
+        self.error_kind = getattr(cause, "kind", "client-gone")
         self.done.errback(Failure(error))

@@ -71,7 +71,9 @@ class Relay(Protocol):
         self.sent = 0
         self._last_progress = clock.seconds()
         self._finished = False
-        self.error: Exception | None = None  # why the relay failed, once it has
+        # Why the relay failed, as a metrics kind (not the exception: its traceback would hold
+        # this relay's frames in a reference cycle).
+        self.error_kind: str | None = None
         self.done: Deferred[int] = Deferred()
         self._timer: IDelayedCall | None = clock.callLater(
             max(deadline - clock.seconds(), 0), self._on_timer
@@ -187,7 +189,7 @@ class Relay(Protocol):
         if self._finished:
             return
         self._finished = True
-        self.error = error
+        self.error_kind = getattr(error, "kind", "client-gone")
         self._cancel_timer()
         if abort_upstream and self.transport is not None:
             self.transport.stopProducing()

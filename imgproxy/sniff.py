@@ -22,6 +22,7 @@ page holding an inline ``<svg>`` is HTML and refused.
 
 from __future__ import annotations
 
+import copy
 import re
 import struct
 from collections.abc import Callable
@@ -248,13 +249,15 @@ class Sniffer:
         if isinstance(self._outcome, Sniffed):
             return self._outcome
         assert self._outcome is not None
-        raise self._outcome
+        raise copy.copy(self._outcome)
 
     def _advance(self, b: _Buf, eof: bool) -> Sniffed | None:
         try:
             result = self._run(b, eof)
         except (NotAnImage, TooLarge) as e:
-            self._outcome = e
+            # Keep a copy without the traceback: the raised one's frames reference this sniffer
+            # (and its caller), which would make a reference cycle.
+            self._outcome = copy.copy(e).with_traceback(None)
             raise
         if result is not None:
             self._outcome = result

@@ -348,7 +348,7 @@ class ProxyResource(Resource):
         try:
             await producer.done
         except Cut:
-            pass  # counted in _done from producer.error
+            pass  # counted in _done from producer.error_kind
 
     async def _follow(self, exchange: Exchange, shared: SharedBody) -> None:
         """Serve a request from a fetch of the same URL already under way."""
@@ -496,8 +496,8 @@ class ProxyResource(Resource):
         source = exchange.follower or exchange.relay
         if source is not None:
             exchange.sent = source.sent
-            if source.error is not None:
-                exchange.kind = getattr(source.error, "kind", "client-gone")
+            if source.error_kind is not None:
+                exchange.kind = source.error_kind
         if gone and exchange.kind in _OK_KINDS.values():
             exchange.kind = "client-gone"
         status = exchange.status or 499
