@@ -81,11 +81,15 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 def _host_pattern(text: str) -> str:
-    value = text.strip().lower().rstrip(".")
-    body = value[2:] if value.startswith("*.") else value
-    if not body or "*" in body or "/" in body or " " in body or ":" in body:
-        raise ValueError(f"not a host name or *.suffix pattern: {text!r}")
-    return value
+    from imgproxy.netpolicy import host_pattern
+
+    return host_pattern(text.strip())
+
+
+def _limit_pattern(text: str) -> str:
+    from imgproxy.ratelimit import normalize_pattern
+
+    return normalize_pattern(text)
 
 
 def _text(text: str) -> str:
@@ -334,7 +338,7 @@ def read_ini(path: str) -> tuple[dict[str, Any], tuple[HostLimit, ...]]:
 
 def _read_host_section(path: str, section: str, items: Mapping[str, str]) -> HostLimit:
     source = f"{path} [{section}]"
-    pattern = _parse_value(Option("host", _host_pattern, None, ""), section[5:], source)
+    pattern = _parse_value(Option("host", _limit_pattern, None, ""), section[5:], source)
     unknown = set(items) - {"rate", "burst"}
     if unknown:
         raise ConfigError(f"{source} {sorted(unknown)[0]}: unknown option (rate, burst)")

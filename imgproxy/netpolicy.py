@@ -327,7 +327,7 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
-def _host_pattern(text: str) -> str:
+def host_pattern(text: str) -> str:
     """Normalise one ``allow_hosts``/``deny_hosts`` entry: an exact host or ``*.suffix``."""
     wildcard = text.startswith("*.")
     try:
@@ -343,7 +343,7 @@ def _host_patterns(values: Iterable[str]) -> tuple[str, ...]:
     """Convert host-list entries to normalised patterns (``ValueError`` on a bad entry)."""
     if isinstance(values, str):
         raise TypeError("host lists are sequences of strings, not one string")
-    return tuple(_host_pattern(value) for value in values)
+    return tuple(host_pattern(value) for value in values)
 
 
 def _matches(host: str, patterns: Sequence[str]) -> bool:

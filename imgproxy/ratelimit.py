@@ -149,7 +149,7 @@ def _split_key(key: str) -> tuple[str, int | None]:
     return key, None
 
 
-def _normalize_pattern(pattern: str) -> str:
+def normalize_pattern(pattern: str) -> str:
     """Canonical form of an override pattern: ``host``, ``host:port`` or ``*.domain``."""
     if not isinstance(pattern, str):
         raise ValueError(f"host pattern must be a string, got {pattern!r}")
@@ -177,7 +177,7 @@ class HostOverride:
     Precedence: host and port, then host, then the longest wildcard suffix.
     """
 
-    pattern: str = attrs.field(converter=_normalize_pattern)
+    pattern: str = attrs.field(converter=normalize_pattern)
     limits: Limits
 
     @classmethod

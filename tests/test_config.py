@@ -63,7 +63,7 @@ def test_ini_then_cli(tmp_path):
         ([("timeout", "-1")], "--timeout: must be > 0"),
         ([("timeout", "nan")], "--timeout: not a finite number"),
         ([("allow-network", "10.0.0.1/8")], "--allow-network: not a CIDR network"),
-        ([("deny-host", "a b")], "--deny-host: not a host name"),
+        ([("deny-host", "a b")], "--deny-host: invalid host pattern"),
         ([("log-level", "loud")], "--log-level: must be one of"),
         ([("manhole", "tcp:2222")], "--manhole: needs --manhole-keys"),
     ],
@@ -132,3 +132,18 @@ def test_empty_key_file(tmp_path):
     keys.write_bytes(b"\n# nothing\n")
     with pytest.raises(ConfigError, match="--key-file: no key found"):
         build([("key-file", str(keys))], environ={})
+
+
+def test_host_lists_validated_like_the_policy():
+    """--allow-host entries are checked by the destination policy's rules, naming the option."""
+    with pytest.raises(ConfigError, match="--allow-host: invalid host pattern"):
+        build([("allow-host", "bad..example")])
+    assert build([("allow-host", "Bücher.Example")]).allow_host == ("xn--bcher-kva.example",)
+
+
+def test_host_section_with_port(tmp_path):
+    """A [host:NAME:PORT] section limits one origin port, as the limiter's keys do."""
+    ini = tmp_path / "p.ini"
+    ini.write_text("[host:IMG.example.com:8443]\nrate = 2\n")
+    config = build([("config", str(ini))])
+    assert config.host_limits == (HostLimit("img.example.com:8443", 2.0, 20),)
