@@ -249,10 +249,14 @@ def build_pipeline(
     pool._factory = UpstreamClientFactory
     pool.maxPersistentPerHost = config.max_inflight_per_host
     pool.cachedConnectionTimeout = 30
+    try:
+        tls_policy = make_tls_policy(config.ca_file)
+    except ValueError as e:
+        raise ConfigError(f"--ca-file: {e}") from None
     endpoints = PolicyEndpointFactory(
         reactor,
         AddressPolicy(allow_networks=config.allow_network, deny_networks=config.deny_network),
-        make_tls_policy(config.ca_file),
+        tls_policy,
         connect_timeout=config.timeout,
         resolver=resolver,
     )

@@ -152,6 +152,8 @@ async def test_graceful_stop_lets_relay_finish(origin, key_file, client_pool):
         (["--key-file", "/nonexistent/keys"], "imageproxy: --key-file: cannot read"),
         (["--listen", "bogus:1"], "imageproxy: --listen: 'bogus:1'"),
         (["--allow-network", "300.0.0.0/8"], "imageproxy: --allow-network: not a CIDR network"),
+        (["--ca-file", "/nonexistent/ca.pem"], "imageproxy: --ca-file: cannot read"),
+        (["--formats", "jpeg,bogus"], "imageproxy: --formats: unknown image format"),
     ],
 )
 @pytest_twisted.ensureDeferred
