@@ -68,14 +68,20 @@ def check_host_key(path: str) -> None:
     _load_host_key(path)
 
 
-def _load_host_key(path: str) -> keys.Key:
-    """Check the host key file's mode and parse it; see :func:`check_host_key`."""
+def _file_mode(option: str, path: str) -> int:
+    """The mode of a regular file, or a ValueError naming ``option``."""
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
-        raise ValueError(f"--manhole-host-key: {path}: {e.strerror}")
+        raise ValueError(f"{option}: {path}: {e.strerror}")
     if not stat.S_ISREG(mode):
-        raise ValueError(f"--manhole-host-key: {path}: not a regular file")
+        raise ValueError(f"{option}: {path}: not a regular file")
+    return mode
+
+
+def _load_host_key(path: str) -> keys.Key:
+    """Check the host key file's mode and parse it; see :func:`check_host_key`."""
+    mode = _file_mode("--manhole-host-key", path)
     if mode & 0o044:
         raise ValueError(f"--manhole-host-key: {path} is readable by group/others (chmod 600)")
     if mode & 0o022:
@@ -98,12 +104,7 @@ def check_authorized_keys(path: str) -> None:
 
     :raises ValueError: naming ``--manhole-keys`` and what is wrong.
     """
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        raise ValueError(f"--manhole-keys: {path}: {e.strerror}")
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"--manhole-keys: {path}: not a regular file")
+    mode = _file_mode("--manhole-keys", path)
     if mode & 0o022:
         raise ValueError(f"--manhole-keys: {path} is writable by group/others (chmod 644)")
 

@@ -388,10 +388,9 @@ def build_service(config: Config, reactor: Any, environ: Mapping[str, str]) -> P
             reactor, "--metrics", config.metrics, metrics_site(metrics, reactor=reactor)
         ).setServiceParent(root)
     if config.manhole:
-        from imgproxy.manhole import check_host_key, make_manhole_service
+        from imgproxy.manhole import make_manhole_service
 
         assert config.manhole_keys is not None and config.manhole_host_key is not None
-        check_host_key(config.manhole_host_key)
         namespace: dict[str, object] = {
             "config": config, "service": root, "resource": resource,
             "limiter": pipeline.limiter, "metrics": metrics, "pool": pipeline.pool,
