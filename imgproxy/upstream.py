@@ -212,7 +212,7 @@ class Fetcher:
                 url = _join(url, location[-1])
                 continue
             try:
-                self._check_response(response, key)
+                self._check_response(response, key, bool(conditional))
             except ProxyError:
                 permit.release()
                 raise
@@ -251,9 +251,9 @@ class Fetcher:
 
         return d.addErrback(failed).addBoth(finished)
 
-    def _check_response(self, response: IResponse, key: str) -> None:
+    def _check_response(self, response: IResponse, key: str, conditional: bool) -> None:
         status = response.code
-        if status in (200, 203, 304):
+        if status in (200, 203) or (status == 304 and conditional):
             length = response.length
             if length is not UNKNOWN_LENGTH and length > self._policy.max_size:
                 discard(response, abort=True)

@@ -167,3 +167,16 @@ def test_front_statuses(method, path, expected):
     assert response.code == expected
     assert response.headers.getRawHeaders("content-type") == ["text/plain; charset=utf-8"]
     assert h.origin.seen == []
+
+
+def test_unsolicited_304_is_bad_gateway():
+    """A 304 to a request that sent no validators is an origin error, not passed on."""
+    h = Harness()
+
+    def not_modified(request):
+        request.setResponseCode(304)
+        return b""
+
+    h.origin.routes[b"/a.jpg"] = not_modified
+    assert result(h.get(h.url("/a.jpg"))).code == 502
+    assert result(h.get(h.url("/a.jpg"), headers={"If-None-Match": '"x"'})).code == 304
