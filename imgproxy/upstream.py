@@ -32,6 +32,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 
 from imgproxy.errors import (
     BadRequest,
+    DestinationRefused,
     NotFound,
     ProxyError,
     TooLarge,
@@ -125,6 +126,16 @@ def translate_failure(failure: Failure) -> ProxyError:
     return UpstreamError("Bad Gateway", kind="upstream")
 
 
+def _log_refusal(url: bytes, hop: int, error: DestinationRefused) -> None:
+    """One line per refused destination: the host and the reason, never the (signed) URL."""
+    try:
+        host = urlsplit(url.decode("utf-8", "replace")).hostname or "?"
+    except ValueError:
+        host = "?"
+    log.info("refused destination {host} (hop {hop}): {reason}", host=host, hop=hop,
+             reason=error.reason)
+
+
 def _cancelled(exc: BaseException) -> bool:
     """Whether a request failed because we cancelled it (the Agent wraps CancelledError)."""
     if isinstance(exc, CancelledError):
@@ -194,11 +205,18 @@ class Fetcher:
                 if hop == 0:
                     raise
                 raise UpstreamError(f"Bad Gateway: bad redirect ({e.reason})", kind="bad-redirect")
+            except DestinationRefused as e:
+                _log_refusal(url, hop, e)
+                raise
             if on_hop is not None:
                 on_hop(key)
             permit = await self._limiter.acquire(key)
             try:
                 response = await self._request(method, url, headers, deadline)
+            except DestinationRefused as e:  # at connect time, on the resolved addresses
+                permit.release()
+                _log_refusal(url, hop, e)
+                raise
             except BaseException:
                 permit.release()
                 raise

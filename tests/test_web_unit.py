@@ -180,3 +180,17 @@ def test_unsolicited_304_is_bad_gateway():
     h.origin.routes[b"/a.jpg"] = not_modified
     assert result(h.get(h.url("/a.jpg"))).code == 502
     assert result(h.get(h.url("/a.jpg"), headers={"If-None-Match": '"x"'})).code == 304
+
+
+def test_refusal_logged_with_host_not_url():
+    """A refused destination is logged once with its host and reason, never the URL."""
+    from twisted.logger import capturedLogs
+
+    h = Harness()
+    url = "http://proxy.example.com" + Signer((KEY,)).hex_path(b"http://localhost/secret.jpg")
+    with capturedLogs() as events:
+        assert result(h.get(url)).code == 403
+    lines = [e for e in events if "refused destination" in e.get("log_format", "")]
+    assert len(lines) == 1
+    assert lines[0]["host"] == "localhost"
+    assert "secret" not in repr(lines[0])
