@@ -147,3 +147,13 @@ def test_host_section_with_port(tmp_path):
     ini.write_text("[host:IMG.example.com:8443]\nrate = 2\n")
     config = build([("config", str(ini))])
     assert config.host_limits == (HostLimit("img.example.com:8443", 2.0, 20),)
+
+
+def test_shipped_ini_files_parse():
+    """etc/imageproxy.ini and etc/dev.ini are valid configurations."""
+    from pathlib import Path
+
+    etc = Path(__file__).parent.parent / "etc"
+    for name in ("imageproxy.ini", "dev.ini"):
+        config = build([("config", str(etc / name))])
+        assert config.listen == ("tcp:8080:interface=127.0.0.1",)
