@@ -479,6 +479,8 @@ class ProxyResource(Resource):
         self._done(exchange, gone)
 
     def _unexpected(self, failure: Failure, exchange: Exchange) -> None:
+        if failure.check(CancelledError):
+            return  # the client left while the request waited (a fetch, a shared head)
         log.failure("unexpected error serving a request", failure)
         if not exchange.request.startedWriting and not exchange.request.finished:
             self._respond_error(exchange, UpstreamError("Bad Gateway: internal error"))

@@ -216,3 +216,27 @@ async def test_mismatched_revalidation_refetches(origin, proxy, client_pool):
     assert (response.code, body) == (200, JPEG)
     assert [s.headers.get(b"If-None-Match") for s in origin.resource.seen] == [
         None, [b'"e1"'], None]
+
+
+@pytest_twisted.ensureDeferred
+async def test_follower_leaving_before_head_is_quiet(origin, make_proxy, client_pool):
+    """A follower that disconnects while waiting for the shared head logs no error."""
+    from twisted.logger import capturedLogs
+
+    proxy = make_proxy(cache_size=0)
+    gate: Deferred[None] = Deferred()
+    url = origin.route("/a.jpg", gated(JPEG, gate, cache_control=b"no-store"))
+    path = proxy.url(url)[len(proxy.base):].encode()
+    with capturedLogs() as events:
+        leader = Deferred.fromCoroutine(get(client_pool, proxy.url(url)))
+        await sleep(0.05)
+        follower = StalledClient(path)
+        await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port), follower)
+        await sleep(0.05)
+        follower.transport.abortConnection()
+        await sleep(0.05)
+        gate.callback(None)
+        response, body = await leader
+    assert (response.code, body) == (200, JPEG)
+    assert not [e for e in events if e.get("log_failure") is not None]
