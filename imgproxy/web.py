@@ -23,7 +23,14 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from imgproxy.cache import Cache, Entry
 from imgproxy.coalesce import Detached, FollowerProducer, Head, SharedBody
-from imgproxy.errors import MethodNotAllowed, NotFound, ProxyError, Unavailable, UpstreamError
+from imgproxy.errors import (
+    MethodNotAllowed,
+    NotFound,
+    ProxyError,
+    TooLarge,
+    Unavailable,
+    UpstreamError,
+)
 from imgproxy.logs import AccessLog
 from imgproxy.metrics import UPSTREAM_ERROR_KINDS, Metrics
 from imgproxy.relay import ClientGone, Cut, Relay, abort_connection
@@ -256,10 +263,13 @@ class ProxyResource(Resource):
         if upstream.status == 304 or exchange.method == b"HEAD":
             discard(upstream.response)
             content_type = None
+            source = _flat_headers(upstream)
             if upstream.status != 304:
                 content_type = self._sniff_policy.judge_declared(
                     _text(upstream.header(b"content-type")))
-            source = _flat_headers(upstream)
+                declared = source.get(b"content-length", b"")
+                if declared.isdigit() and int(declared) > self._max_size:
+                    raise TooLarge()  # as a GET of it would be
             status = 304 if upstream.status == 304 else 200
             self._send_head(exchange, status, self._client_headers(
                 source, content_type, source.get(b"content-length")))

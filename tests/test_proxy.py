@@ -507,3 +507,12 @@ async def test_client_disconnect_while_waiting(origin, make_proxy):
     await lost
     await sleep(0.05)
     assert proxy.pipeline.limiter.inflight == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_of_oversize_image(origin, make_proxy, client_pool):
+    """HEAD of an image declared larger than --max-size is refused like its GET."""
+    proxy = make_proxy(max_size=1000)
+    url = origin.route("/big.jpg", image(JPEG))
+    response, _ = await get(client_pool, proxy.url(url), method="HEAD")
+    assert response.code == 502
