@@ -516,3 +516,28 @@ async def test_head_of_oversize_image(origin, make_proxy, client_pool):
     url = origin.route("/big.jpg", image(JPEG))
     response, _ = await get(client_pool, proxy.url(url), method="HEAD")
     assert response.code == 502
+
+
+class ResetMidBody(Protocol):
+    """Answers with headers and part of the body, then resets the connection."""
+
+    def dataReceived(self, data):
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
+                             b"Content-Length: 100000\r\n\r\n" + JPEG[:3000])
+        reactor.callLater(0.05, self.transport.abortConnection)
+
+
+@pytest_twisted.ensureDeferred
+async def test_origin_reset_mid_body_cuts_client(proxy, client_pool):
+    """An origin that resets after the headers went out makes the client see a cut transfer."""
+    port = reactor.listenTCP(0, Factory.forProtocol(ResetMidBody), interface="127.0.0.1")
+    try:
+        response = await treq.get(
+            proxy.url(f"http://127.0.0.1:{port.getHost().port}/a.jpg"), pool=client_pool)
+        assert response.code == 200
+        with pytest.raises((ResponseFailed, PotentialDataLoss)):
+            await treq.content(response)
+    finally:
+        await port.stopListening()
+    await sleep(0.05)
+    assert proxy.pipeline.resource.inflight == set()
