@@ -493,6 +493,17 @@ class _Judge:
         return TCPv6Address(address.type, str(parsed), address.port, flow_info, scope_id)
 
 
+def _literal_address(name: str, port: int) -> IAddress | None:
+    """The TCP address of an IP-literal host name, or None for a name to look up."""
+    try:
+        parsed = ipaddress.ip_address(name)
+    except ValueError:
+        return None
+    if isinstance(parsed, ipaddress.IPv4Address):
+        return TCPv4Address("TCP", str(parsed), port)
+    return TCPv6Address("TCP", str(parsed), port)
+
+
 @implementer(IHostnameResolver)
 class _FilteringResolver:
     """An :class:`IHostnameResolver` for one connection attempt that drops refused answers.
@@ -521,6 +532,16 @@ class _FilteringResolver:
             resolutionReceiver.resolutionComplete()
             return resolution
         judge = _Judge(resolutionReceiver, self._policy, self)
+        literal = _literal_address(name, portNumber)
+        if literal is not None:
+            # An IP literal needs no lookup: judge it at once (the system resolver would take a
+            # trip through the thread pool to say the same).
+            resolution = _Resolution(hostName)
+            judge.resolutionBegan(resolution)
+            if addressTypes is None or type(literal) in addressTypes:
+                judge.addressResolved(literal)
+            judge.resolutionComplete()
+            return resolution
         return self._resolver.resolveHostName(
             judge, name, portNumber, addressTypes, transportSemantics
         )

@@ -833,6 +833,17 @@ def test_public_ip_literal_is_dialled() -> None:
     assert [host for host, *_ in reactor.tcpClients] == ["8.8.8.8"]
 
 
+def test_ip_literal_needs_no_lookup() -> None:
+    """Canonical IP literals are judged without asking the resolver (no thread-pool trip)."""
+    reactor, resolver, factory = _make({})
+    _connect(factory, b"http://8.8.8.8/")
+    _connect(factory, b"http://[2001:4860:4860::8888]/")
+    failure = _failure(_connect(factory, b"http://127.0.0.1/"))
+    failure.trap(DestinationRefused)
+    assert resolver.lookups == []
+    assert [host for host, *_ in reactor.tcpClients] == ["8.8.8.8", "2001:4860:4860::8888"]
+
+
 def test_allow_network_lets_internal_origin_through() -> None:
     """An operator-allowed private network is dialled."""
     policy = AddressPolicy(allow_networks=("10.0.0.0/24",))
