@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.web.server import NOT_DONE_YET
 
 from tests.conftest import JPEG, PNG, image, sleep
-from tests.test_proxy import StalledClient, get, header
+from tests.test_proxy import get, header, raw_client
 
 
 def gated(body: bytes, gate: Deferred, content_type: bytes = b"image/jpeg", **headers: bytes):
@@ -162,10 +160,7 @@ async def test_slow_follower_does_not_stall_fast_one(origin, make_proxy, client_
     body = JPEG + os.urandom(3 * 2**20)
     gate: Deferred[None] = Deferred()
     url = origin.route("/big.jpg", gated(body, gate, cache_control=b"no-store"))
-    path = proxy.url(url)[len(proxy.base):].encode()
-    slow = StalledClient(path)
-    await connectProtocol(
-        TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port), slow)
+    slow = await raw_client(proxy, proxy.url(url))
     await sleep(0.1)
     fast = [Deferred.fromCoroutine(get(client_pool, proxy.url(url))) for _ in range(2)]
     await sleep(0.1)
@@ -183,10 +178,7 @@ async def test_leader_leaving_keeps_followers(origin, make_proxy, client_pool):
     proxy = make_proxy(cache_size=0)
     gate: Deferred[None] = Deferred()
     url = origin.route("/a.jpg", gated(JPEG, gate, cache_control=b"no-store"))
-    path = proxy.url(url)[len(proxy.base):].encode()
-    leader = StalledClient(path)
-    await connectProtocol(
-        TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port), leader)
+    leader = await raw_client(proxy, proxy.url(url))
     await sleep(0.1)
     follower = Deferred.fromCoroutine(get(client_pool, proxy.url(url)))
     await sleep(0.1)
@@ -226,13 +218,10 @@ async def test_follower_leaving_before_head_is_quiet(origin, make_proxy, client_
     proxy = make_proxy(cache_size=0)
     gate: Deferred[None] = Deferred()
     url = origin.route("/a.jpg", gated(JPEG, gate, cache_control=b"no-store"))
-    path = proxy.url(url)[len(proxy.base):].encode()
     with capturedLogs() as events:
         leader = Deferred.fromCoroutine(get(client_pool, proxy.url(url)))
         await sleep(0.05)
-        follower = StalledClient(path)
-        await connectProtocol(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port), follower)
+        follower = await raw_client(proxy, proxy.url(url))
         await sleep(0.05)
         follower.transport.abortConnection()
         await sleep(0.05)

@@ -451,11 +451,17 @@ class StalledClient(Protocol):
             self.first.callback(None)
 
 
-async def stalled_client(proxy, url: str) -> StalledClient:
-    path = url[len(proxy.base):].encode()
-    client = StalledClient(path)
+async def raw_client(proxy, url: str) -> StalledClient:
+    """Connect a :class:`StalledClient` that sends one request for ``url`` to ``proxy``."""
+    client = StalledClient(url[len(proxy.base):].encode())
     await connectProtocol(
         TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port), client)
+    return client
+
+
+async def stalled_client(proxy, url: str) -> StalledClient:
+    """A raw client that has received its first bytes and stopped reading."""
+    client = await raw_client(proxy, url)
     await client.first
     return client
 
@@ -499,9 +505,7 @@ async def test_client_disconnect_while_waiting(origin, make_proxy):
         return NOT_DONE_YET
 
     url = origin.route("/hang", hang)
-    client = StalledClient(proxy.url(url)[len(proxy.base):].encode())
-    await connectProtocol(
-        TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port.getHost().port), client)
+    client = await raw_client(proxy, proxy.url(url))
     await sleep(0.2)
     client.transport.abortConnection()
     await lost
