@@ -16,6 +16,9 @@ from typing import Any
 import attrs
 
 from imgproxy import PROJECT_URL, __version__
+from imgproxy.netpolicy import host_pattern
+from imgproxy.ratelimit import normalize_pattern
+from imgproxy.sniff import SniffPolicy
 
 DEFAULT_USER_AGENT = f"Mozilla/5.0 (compatible; imageproxy/{__version__}; +{PROJECT_URL})"
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
@@ -80,18 +83,6 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(f"not a CIDR network: {text!r} ({e})") from None
 
 
-def _host_pattern(text: str) -> str:
-    from imgproxy.netpolicy import host_pattern
-
-    return host_pattern(text.strip())
-
-
-def _limit_pattern(text: str) -> str:
-    from imgproxy.ratelimit import normalize_pattern
-
-    return normalize_pattern(text)
-
-
 def _text(text: str) -> str:
     value = text.strip()
     if not value:
@@ -114,12 +105,6 @@ def _path(text: str) -> str:
     if not value:
         raise ValueError("must not be empty")
     return os.path.expanduser(value)
-
-
-def _formats(text: str) -> frozenset[str]:
-    from imgproxy.sniff import SniffPolicy
-
-    return SniffPolicy.parse_formats(text)
 
 
 @attrs.frozen
@@ -145,9 +130,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("allow-network", _network, (), "exempt a CIDR network from the destination block "
            "(repeatable)", repeat=True),
     Option("deny-network", _network, (), "block a further CIDR network (repeatable)", repeat=True),
-    Option("allow-host", _host_pattern, (), "only allow these origin hosts: name or *.suffix "
+    Option("allow-host", host_pattern, (), "only allow these origin hosts: name or *.suffix "
            "(repeatable)", repeat=True),
-    Option("deny-host", _host_pattern, (), "refuse these origin hosts: name or *.suffix "
+    Option("deny-host", host_pattern, (), "refuse these origin hosts: name or *.suffix "
            "(repeatable)", repeat=True),
     Option("ca-file", _path, None, "PEM file of extra trust roots for origin TLS"),
     Option("max-size", _int(1), 5242880, "largest body relayed, in bytes"),
@@ -166,8 +151,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("user-agent", _text, DEFAULT_USER_AGENT, "User-Agent sent upstream"),
     Option("default-cache-control", _text, "public, max-age=31536000",
            "Cache-Control sent when the origin sends none"),
-    Option("formats", _formats, None, "allowed image formats, comma-separated (default: all "
-           "raster formats)"),
+    Option("formats", SniffPolicy.parse_formats, None,
+           "allowed image formats, comma-separated (default: all raster formats)"),
     Option("allow-svg", None, False, "relay SVG images (with a sandboxing CSP)"),
     Option("max-pixels", _int(1), 50_000_000, "largest width x height accepted"),
     Option("cache-size", _int(0), 64 * 2**20, "bytes of the in-memory image cache (0: off)"),
@@ -338,7 +323,7 @@ def read_ini(path: str) -> tuple[dict[str, Any], tuple[HostLimit, ...]]:
 
 def _read_host_section(path: str, section: str, items: Mapping[str, str]) -> HostLimit:
     source = f"{path} [{section}]"
-    pattern = _parse_value(Option("host", _limit_pattern, None, ""), section[5:], source)
+    pattern = _parse_value(Option("host", normalize_pattern, None, ""), section[5:], source)
     unknown = set(items) - {"rate", "burst"}
     if unknown:
         raise ConfigError(f"{source} {sorted(unknown)[0]}: unknown option (rate, burst)")
