@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 import pytest
@@ -182,11 +181,3 @@ async def test_help_lists_options():
                    "--queue-timeout", "--user-agent", "--metrics", "--manhole",
                    "--manhole-keys"):
         assert option.encode() in out, option
-
-
-def test_sigterm_handler_untouched():
-    """Importing the plugin module does not install signal handlers (twistd owns them)."""
-    before = signal.getsignal(signal.SIGTERM)
-    import imgproxy.tap  # noqa: F401
-
-    assert signal.getsignal(signal.SIGTERM) is before
