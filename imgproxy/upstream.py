@@ -69,11 +69,6 @@ class Upstream:
     def status(self) -> int:
         return self.response.code
 
-    def header(self, name: bytes) -> bytes | None:
-        """The last value of a response header, or None."""
-        values = self.response.headers.getRawHeaders(name)
-        return values[-1] if values else None
-
 
 class _Discard(Protocol):
     """Reads a small body to its end (so the connection returns to the pool), or aborts."""

@@ -262,15 +262,15 @@ class ProxyResource(Resource):
         exchange.cache = "MISS" if self.cache is not None else None
         if upstream.status == 304 or exchange.method == b"HEAD":
             discard(upstream.response)
-            content_type = None
             source = _flat_headers(upstream)
-            if upstream.status != 304:
+            status, content_type = 304, None
+            if upstream.status != 304:  # HEAD: no body to sniff, the declared type is judged
+                status = 200
                 content_type = self._sniff_policy.judge_declared(
-                    _text(upstream.header(b"content-type")))
+                    _text(source.get(b"content-type")))
                 declared = source.get(b"content-length", b"")
                 if declared.isdigit() and int(declared) > self._max_size:
                     raise TooLarge()  # as a GET of it would be
-            status = 304 if upstream.status == 304 else 200
             self._send_head(exchange, status, self._client_headers(
                 source, content_type, source.get(b"content-length")))
             request.finish()
@@ -363,9 +363,7 @@ class ProxyResource(Resource):
     async def _follow(self, exchange: Exchange, shared: SharedBody) -> None:
         """Serve a request from a fetch of the same URL already under way."""
         try:
-            head = await shared.wait_head()
-        except Detached:
-            raise
+            head = await shared.wait_head()  # Detached propagates: the caller fetches alone
         except ProxyError as e:
             exchange.cache = "COALESCED"
             self._respond_error(exchange, e)
