@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,18 @@ import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IAddress,
+    IHostnameResolver,
+    IHostResolution,
+    IResolutionReceiver,
+)
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from imgproxy.config import Config
 from imgproxy.logs import QuietSite
@@ -183,6 +191,55 @@ def client_pool() -> Iterator[HTTPConnectionPool]:
     pool = HTTPConnectionPool(reactor, persistent=False)
     yield pool
     pytest_twisted.blockon(pool.closeCachedConnections())
+
+
+@attrs.frozen
+class _Resolution:
+    name: str
+
+    def cancel(self) -> None:
+        raise AssertionError("a synchronous resolution cannot be cancelled")
+
+
+@implementer(IHostnameResolver)
+class FakeResolver:
+    """An ``IHostnameResolver`` answering synchronously from a table; it asks nobody else.
+
+    ``table`` maps a name to its answer (address strings, or address objects delivered as
+    they are); an answer may be a callable taking the lookup number for that name (1, 2, ...),
+    to simulate DNS rebinding. ``table`` may itself be a callable from name to answer. Unknown
+    names resolve to nothing. ``lookups`` lists every name asked, in order.
+    """
+
+    def __init__(self, table: dict[str, Any] | Callable[[str], Any]) -> None:
+        self.table = table
+        self.lookups: list[str] = []
+
+    def resolveHostName(  # noqa: N802 - Twisted interface
+        self,
+        resolutionReceiver: IResolutionReceiver,  # noqa: N803
+        hostName: str,  # noqa: N803
+        portNumber: int = 0,  # noqa: N803
+        addressTypes: Sequence[type[IAddress]] | None = None,  # noqa: N803
+        transportSemantics: str = "TCP",  # noqa: N803
+    ) -> IHostResolution:
+        self.lookups.append(hostName)
+        if callable(self.table):
+            answer = self.table(hostName)
+        else:
+            answer = self.table.get(hostName, self.table.get(hostName.lower(), ()))
+            if callable(answer):
+                answer = answer(self.lookups.count(hostName))
+        resolution = _Resolution(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
+        for item in [answer] if isinstance(answer, str) else answer:
+            if isinstance(item, str):
+                kind = IPv6Address if ":" in item else IPv4Address
+                item = kind("TCP", item, portNumber)
+            if addressTypes is None or type(item) in addressTypes:
+                resolutionReceiver.addressResolved(item)
+        resolutionReceiver.resolutionComplete()
+        return resolution
 
 
 def sleep(seconds: float) -> Deferred[None]:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.address import HostnameAddress, IPv4Address, IPv6Address
+from twisted.internet.address import HostnameAddress
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import (
@@ -42,6 +42,7 @@ from imgproxy.netpolicy import (
     _normalise_host,
     make_tls_policy,
 )
+from tests.conftest import FakeResolver
 
 DEFAULT = AddressPolicy()
 PUBLIC_V4 = "93.184.216.34"
@@ -558,38 +559,6 @@ class _Resolution:
         raise AssertionError("not cancellable")
 
 
-@implementer(IHostnameResolver)
-class TableResolver:
-    """A resolver answering from a name → addresses table, synchronously, recording lookups."""
-
-    def __init__(
-        self, table: dict[str, Sequence[object]] | Callable[[str], Sequence[object]]
-    ) -> None:
-        self._lookup = table if callable(table) else (lambda name: table.get(name, ()))
-        self.lookups: list[str] = []
-
-    def resolveHostName(  # noqa: N802 - Twisted interface
-        self,
-        resolutionReceiver: IResolutionReceiver,  # noqa: N803
-        hostName: str,  # noqa: N803
-        portNumber: int = 0,  # noqa: N803
-        addressTypes: Sequence[type[IAddress]] | None = None,  # noqa: N803
-        transportSemantics: str = "TCP",  # noqa: N803
-    ) -> IHostResolution:
-        self.lookups.append(hostName)
-        resolution = _Resolution(hostName)
-        resolutionReceiver.resolutionBegan(resolution)
-        for text in self._lookup(hostName):
-            if not isinstance(text, str):
-                resolutionReceiver.addressResolved(text)
-            elif ":" in text:
-                resolutionReceiver.addressResolved(IPv6Address("TCP", text, portNumber))
-            else:
-                resolutionReceiver.addressResolved(IPv4Address("TCP", text, portNumber))
-        resolutionReceiver.resolutionComplete()
-        return resolution
-
-
 def _numeric_getaddrinfo(name: str) -> list[str]:
     """Resolve like the system resolver does for IP literals (inet_aton rules), no network."""
     try:
@@ -629,9 +598,9 @@ def _make(
     table: dict[str, Sequence[object]] | Callable[[str], Sequence[object]],
     policy: AddressPolicy = DEFAULT,
     **kwargs: object,
-) -> tuple[MemoryReactorClock, TableResolver, PolicyEndpointFactory]:
+) -> tuple[MemoryReactorClock, FakeResolver, PolicyEndpointFactory]:
     reactor = MemoryReactorClock()  # its own nameResolver answers 127.0.0.1 for every name
-    resolver = TableResolver(table)
+    resolver = FakeResolver(table)
     tls = kwargs.pop("tls_policy", None) or make_tls_policy()
     factory = PolicyEndpointFactory(reactor, policy, tls, resolver=resolver, **kwargs)
     return reactor, resolver, factory
@@ -657,7 +626,7 @@ def test_reactor_wrapper_declares_pluggable_name_resolver() -> None:
     """The per-connect wrapper declares IReactorPluggableNameResolver, and mirrors the reactor."""
     reactor = _ReactorWithoutPluggableResolver()
     assert not IReactorPluggableNameResolver.providedBy(reactor)
-    resolver = _FilteringResolver(TableResolver({}), DEFAULT)
+    resolver = _FilteringResolver(FakeResolver({}), DEFAULT)
     wrapper = _FilteringReactor(reactor, resolver)
     assert IReactorPluggableNameResolver.providedBy(wrapper)
     assert IReactorTCP.providedBy(wrapper)
@@ -665,7 +634,7 @@ def test_reactor_wrapper_declares_pluggable_name_resolver() -> None:
     assert wrapper.nameResolver is resolver
     assert wrapper.seconds() == reactor.memory.seconds()
     with pytest.raises(TypeError):
-        wrapper.installNameResolver(TableResolver({}))
+        wrapper.installNameResolver(FakeResolver({}))
 
 
 def test_filter_is_used_with_a_reactor_lacking_a_pluggable_resolver() -> None:
@@ -673,7 +642,7 @@ def test_filter_is_used_with_a_reactor_lacking_a_pluggable_resolver() -> None:
     reactor = _ReactorWithoutPluggableResolver()
     table = {"internal.example.com": ["10.0.0.5"], "good.example.com": [PUBLIC_V4]}
     factory = PolicyEndpointFactory(
-        reactor, DEFAULT, make_tls_policy(), resolver=TableResolver(table)
+        reactor, DEFAULT, make_tls_policy(), resolver=FakeResolver(table)
     )
     _failure(_connect(factory, b"http://internal.example.com/")).trap(DestinationRefused)
     _connect(factory, b"http://good.example.com/")
@@ -887,7 +856,7 @@ class _Receiver:
 
 def test_name_without_idna_form_is_not_looked_up() -> None:
     """A Unicode name with no valid IDNA form resolves to nothing, without asking the resolver."""
-    inner = TableResolver(lambda name: [PUBLIC_V4])
+    inner = FakeResolver(lambda name: [PUBLIC_V4])
     receiver = _Receiver()
     _FilteringResolver(inner, DEFAULT).resolveHostName(receiver, "a\u200db.example", 80)
     assert receiver.events == ["began", "complete"]

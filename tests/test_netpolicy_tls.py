@@ -21,9 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IHostnameResolver, IResolutionReceiver
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.python.failure import Failure
@@ -31,11 +29,12 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, Response
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import Site
-from zope.interface import implementer
 
 from imgproxy.netpolicy import AddressPolicy, PolicyEndpointFactory, make_tls_policy
+from tests.conftest import FakeResolver
 
 LOOPBACK_ALLOWED = AddressPolicy(allow_networks=("127.0.0.0/8",))
+LOOPBACK_NAMES = ("origin.test", "other.test")  # the test names, resolved to 127.0.0.1
 
 
 @attrs.frozen
@@ -116,27 +115,6 @@ class _Hello(Resource):
         return b"hello"
 
 
-@implementer(IHostnameResolver)
-class _LoopbackResolver:
-    """Resolves the test names to 127.0.0.1."""
-
-    names = ("origin.test", "other.test", "127.0.0.1")
-
-    def resolveHostName(  # noqa: N802 - Twisted interface
-        self,
-        resolutionReceiver: IResolutionReceiver,  # noqa: N803
-        hostName: str,  # noqa: N803
-        portNumber: int = 0,  # noqa: N803
-        addressTypes: Sequence[type[IAddress]] | None = None,  # noqa: N803
-        transportSemantics: str = "TCP",  # noqa: N803
-    ) -> object:
-        resolutionReceiver.resolutionBegan(None)
-        if hostName in self.names:
-            resolutionReceiver.addressResolved(IPv4Address("TCP", "127.0.0.1", portNumber))
-        resolutionReceiver.resolutionComplete()
-        return None
-
-
 class _Body(Protocol):
     """Collect a response body (readBody warns about the proxy transport)."""
 
@@ -168,7 +146,8 @@ async def _serve_and_fetch(server: _Issued, tls_policy: IPolicyForHTTPS, host: s
     port = reactor.listenSSL(0, Site(_Hello()), options, interface="127.0.0.1")
     pool = HTTPConnectionPool(reactor, persistent=False)
     factory = PolicyEndpointFactory(
-        reactor, LOOPBACK_ALLOWED, tls_policy, connect_timeout=5, resolver=_LoopbackResolver()
+        reactor, LOOPBACK_ALLOWED, tls_policy, connect_timeout=5,
+        resolver=FakeResolver(dict.fromkeys(LOOPBACK_NAMES, ["127.0.0.1"])),
     )
     agent = Agent.usingEndpointFactory(reactor, factory, pool)
     url = f"https://{host}:{port.getHost().port}/".encode("ascii")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -19,68 +19,15 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IAddress, IHostnameResolver, IResolutionReceiver
 from twisted.web.client import Agent
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
-from zope.interface import implementer
 
 from imgproxy.logs import QuietSite
-from tests.conftest import JPEG, OriginResource, image
+from tests.conftest import JPEG, FakeResolver, OriginResource, image
 
 ALLOWED = (ipaddress.ip_network("127.0.0.2/32"),)
-
-
-# -- a resolver that answers from a table ------------------------------------------------------
-
-
-@implementer(IHostnameResolver)
-class StaticResolver:
-    """An ``IHostnameResolver`` answering from a dict of name -> addresses; it asks nobody else.
-
-    IP literals resolve to themselves (as ``getaddrinfo`` does); unknown names resolve to nothing.
-    A value may be a callable taking the lookup number for that name (1, 2, ...) and returning
-    the addresses, to simulate DNS rebinding. ``lookups`` lists every name asked, in order.
-    """
-
-    def __init__(self, table: dict[str, Any]) -> None:
-        self.table = table
-        self.lookups: list[str] = []
-
-    def resolveHostName(
-        self,
-        resolutionReceiver: IResolutionReceiver,
-        hostName: str,
-        portNumber: int = 0,
-        addressTypes: Sequence[type[IAddress]] | None = None,
-        transportSemantics: str = "TCP",
-    ) -> Any:
-        self.lookups.append(hostName)
-        try:
-            answer: Any = [str(ipaddress.ip_address(hostName))]
-        except ValueError:
-            answer = self.table.get(hostName.lower(), [])
-            if callable(answer):
-                answer = answer(self.lookups.count(hostName))
-        resolution = _Resolution(hostName)
-        resolutionReceiver.resolutionBegan(resolution)
-        for text in [answer] if isinstance(answer, str) else answer:
-            address = ipaddress.ip_address(text)
-            kind = IPv4Address if address.version == 4 else IPv6Address
-            if addressTypes is None or kind in addressTypes:
-                resolutionReceiver.addressResolved(kind("TCP", str(address), portNumber))
-        resolutionReceiver.resolutionComplete()
-        return resolution
-
-
-@attrs.frozen
-class _Resolution:
-    name: str
-
-    def cancel(self) -> None:
-        """Nothing to cancel: answers are synchronous."""
 
 
 # -- the canary and the allowed origin ---------------------------------------------------------
@@ -168,9 +115,9 @@ def net() -> Iterator[Net]:
         pytest_twisted.blockon(listener.stopListening())
 
 
-def names(net: Net) -> StaticResolver:
+def names(net: Net) -> FakeResolver:
     """The table most tests use: one allowed name, one canary name, and some mixed answers."""
-    return StaticResolver({
+    return FakeResolver({
         "allowed.example.test": ["127.0.0.2"],
         "other.example.test": ["127.0.0.2"],
         "denied.example.test": ["127.0.0.2"],
@@ -464,7 +411,7 @@ def closing_image(request: Request) -> bytes:
 @pytest_twisted.ensureDeferred
 async def test_rebinding_checked_address_is_dialled(net, make_proxy, client_pool):
     """A name answering 127.0.0.2 first and 127.0.0.1 afterwards: the checked answer is dialled."""
-    resolver = StaticResolver(
+    resolver = FakeResolver(
         {"rebind.example.test": lambda n: ["127.0.0.2"] if n == 1 else ["127.0.0.1"]})
     proxy = make_proxy(resolver=resolver, allow_network=ALLOWED)
     net.route("/rebind-1.jpg", closing_image)
@@ -483,7 +430,7 @@ async def test_rebinding_checked_address_is_dialled(net, make_proxy, client_pool
 @pytest_twisted.ensureDeferred
 async def test_rebinding_flapping_answers(net, make_proxy, client_pool):
     """A name flapping between the origin and the canary never gets the canary dialled."""
-    resolver = StaticResolver(
+    resolver = FakeResolver(
         {"flap.example.test": lambda n: ["127.0.0.2"] if n % 2 else ["127.0.0.1"]})
     proxy = make_proxy(resolver=resolver, allow_network=ALLOWED)
     codes = []
@@ -577,7 +524,7 @@ async def test_deny_host(net, make_proxy, client_pool, pattern):
 @pytest_twisted.ensureDeferred
 async def test_idn_target_fetched_by_a_label(net, make_proxy, client_pool):
     """A Unicode host is looked up and sent in its IDNA A-label form."""
-    resolver = StaticResolver({"xn--bcher-kva.example.test": ["127.0.0.2"]})
+    resolver = FakeResolver({"xn--bcher-kva.example.test": ["127.0.0.2"]})
     proxy = make_proxy(resolver=resolver, allow_network=ALLOWED)
     net.route("/idn.jpg", image(JPEG))
     response, body = await get(
@@ -592,7 +539,7 @@ async def test_idn_target_fetched_by_a_label(net, make_proxy, client_pool):
 @pytest_twisted.ensureDeferred
 async def test_redirect_to_idn_host_followed(net, make_proxy, client_pool):
     """A redirect whose Location names a Unicode host is followed like a direct URL to it."""
-    resolver = StaticResolver({"xn--bcher-kva.example.test": ["127.0.0.2"]})
+    resolver = FakeResolver({"xn--bcher-kva.example.test": ["127.0.0.2"]})
     proxy = make_proxy(resolver=resolver, allow_network=ALLOWED)
     net.route("/idn.jpg", image(JPEG))
     net.route("/hop", redirect(f"http://b\u00fccher.example.test:{net.port}/idn.jpg"))

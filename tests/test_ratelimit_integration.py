@@ -23,8 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from imgproxy.logs import QuietSite
-from tests.conftest import JPEG, sleep
-from tests.test_policy_integration import StaticResolver
+from tests.conftest import JPEG, FakeResolver, sleep
 
 ALLOWED = (ipaddress.ip_network("127.0.0.2/32"),)
 RATE = 5.0
@@ -82,7 +81,7 @@ def limited(make_proxy: Any) -> Any:
     """Make a proxy with the test's limits, the two names, and no cache or coalescing."""
 
     def make(**limits: Any) -> Any:
-        resolver = StaticResolver({"a.example.test": ["127.0.0.2"],
+        resolver = FakeResolver({"a.example.test": ["127.0.0.2"],
                                    "b.example.test": ["127.0.0.2"]})
         values = {"rate": RATE, "burst": BURST, "queue_timeout": 20.0, "max_queue": 100,
                   "cache_size": 0, "coalesce_max_size": 0}
