@@ -526,14 +526,15 @@ class _Ftyp(_Stage):
 
 
 
-def _box_header(b: _Buf, pos: int, n: int) -> tuple[int, bytes, int] | None:
-    """An ISO-BMFF box header at ``pos``: (size, type, header length), None if not all in."""
+def _box_header(b: _Buf, pos: int, n: int) -> tuple[int, bytes, int] | int:
+    """An ISO-BMFF box header at ``pos``: (size, type, header length), or the number of bytes
+    needed when it is not all in yet."""
     if pos + 8 > n:
-        return None
+        return pos + 8
     size, kind = struct.unpack_from(">I4s", b, pos)
     if size == 1:
         if pos + 16 > n:
-            return None
+            return pos + 16
         return struct.unpack_from(">Q", b, pos + 8)[0], kind, 16
     return (1 << 62 if size == 0 else size), kind, 8  # size 0: to the end of the file
 
@@ -552,8 +553,8 @@ class _Bmff(_Stage):
             if self.ipco_end is not None and pos >= self.ipco_end:
                 return _found(self.fmt, self.best)
             box = _box_header(b, pos, n)
-            if box is None:
-                need = pos + 8 if n < pos + 8 else pos + 16
+            if isinstance(box, int):
+                need = box
                 break
             size, kind, header = box
             if size < header:
@@ -636,8 +637,8 @@ class _JxlContainer(_Stage):
         pos = self.pos
         while True:
             box = _box_header(b, pos, n)
-            if box is None:
-                need = pos + 8 if n < pos + 8 else pos + 16
+            if isinstance(box, int):
+                need = box
                 break
             size, kind, header = box
             if size < header:
